@@ -1,0 +1,2 @@
+from .base import AbstractGradient as AbstractGradient
+from .direct import Direct as Direct

@@ -1,0 +1,23 @@
+"""The gradient-strategy seam.
+
+A strategy receives the problem and the static config and returns the loop's output.
+It decides which while loop the forward runs in and wraps it in a custom VJP if it
+has one; it never writes a stepping loop of its own (DESIGN.md §2).
+"""
+
+import abc
+
+import equinox as eqx
+
+
+class AbstractGradient(eqx.Module):
+    """Base class of the gradient strategies."""
+
+    def check(self, solver, config) -> None:
+        """Raise `TypeError`/`ValueError` at trace time if this strategy cannot serve
+        `solver` under `config`. The default accepts everything."""
+        del solver, config
+
+    @abc.abstractmethod
+    def apply(self, problem, config):
+        """Run the forward solve; returns `malijax._loop.LoopOutput`."""

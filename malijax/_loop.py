@@ -1,0 +1,298 @@
+"""The one forward loop.
+
+`integrate` steps a solver over the output times `ts`, hitting each exactly (steps are
+clipped to land on them; there is no interpolation):
+
+- a static grid (`num_steps=N`: each output interval split into N equal steps) runs as
+  a `lax.scan` over output intervals with an inner `lax.scan` over steps;
+- adaptive steps and `step_size=h` run as one while loop bounded by `max_steps`
+  (accepted plus rejected steps). Its `kind` is chosen by the gradient strategy:
+  `"lax"` (not reverse-differentiable; strategies with a custom VJP) or `"bounded"`
+  (reverse-differentiable, for `Direct`).
+
+For a gradient strategy the loop can record, per accepted step `k`, the start time
+`t_k`, the step `h_k` exactly as used, the index of the output time the step ends on
+(or -1), and optionally the solver's checkpoint of the state at `t_k`.
+"""
+
+import equinox as eqx
+import equinox.internal as eqxi
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+
+from ._controller import ConstantStepSize, PIController
+from ._misc import tree_all_finite, tree_where
+from ._solution import RESULTS
+
+
+class Problem(eqx.Module):
+    func: object
+    y0: object
+    ts: jax.Array
+    args: object
+
+
+class Config(eqx.Module):
+    """Everything static about a solve, fixed by `odeint`'s keywords."""
+
+    solver: object
+    controller: PIController | ConstantStepSize | None  # None: a num_steps grid
+    num_steps: int | None = eqx.field(static=True)
+    max_steps: int = eqx.field(static=True)
+    throw: bool = eqx.field(static=True)
+
+
+class Trajectory(eqx.Module):
+    """The accepted discretisation, recorded for a gradient strategy.
+
+    Buffers have `max_steps` rows for a while loop (only the first `num_steps` are
+    meaningful) and exactly `(len(ts) - 1) * N` rows for a `num_steps=N` grid."""
+
+    ts: jax.Array  # t_k, start of step k
+    hs: jax.Array  # h_k, signed, exactly as the step used it
+    out: jax.Array  # index j of ts that step k ends on, or -1
+    num_steps: jax.Array
+    states: object  # solver.checkpoint(state at t_k) per step, or None
+
+
+class LoopOutput(eqx.Module):
+    ys: object
+    result: RESULTS
+    stats: dict
+    final_state: object
+    trajectory: Trajectory | None
+    t_target: jax.Array  # the output time being aimed at when the loop stopped
+
+
+def _nan_buffer(shape, like):
+    return jtu.tree_map(lambda x: jnp.full(shape + x.shape, jnp.nan, x.dtype), like)
+
+
+def _ts_ok(ts):
+    if ts.shape[0] < 2:
+        return jnp.array(True), jnp.zeros((), ts.dtype)
+    diffs = ts[1:] - ts[:-1]
+    direction = jnp.sign(ts[-1] - ts[0])
+    ok = jnp.all(direction * diffs > 0) | jnp.all(diffs == 0)
+    return ok, direction
+
+
+def integrate(problem, config, *, kind="lax", record=None):
+    """Solve `problem`; `record` is None, "grid" ((t_k, h_k) only) or "states"."""
+    func, y0, ts, args = problem.func, problem.y0, problem.ts, problem.args
+    solver = config.solver
+    dtype = ts.dtype
+    num_out = ts.shape[0]
+    t0 = ts[0]
+
+    ts_ok, direction = _ts_ok(ts)
+    state0 = solver.init(func, t0, y0, args)
+    result0 = RESULTS.where(ts_ok, RESULTS.successful, RESULTS.ts_not_monotone)
+    result0 = RESULTS.where(
+        tree_all_finite(state0) | ~ts_ok, result0, RESULTS.nonfinite_state
+    )
+    if num_out == 1 or config.controller is None:
+        return _integrate_grid(problem, config, state0, result0, direction, record)
+    return _integrate_while(problem, config, state0, result0, direction, kind, record)
+
+
+def _integrate_grid(problem, config, state0, result0, direction, record):
+    """`num_steps=N`: a static grid, run as nested `lax.scan`s (differentiable)."""
+    del direction
+    func, y0, ts, args = problem.func, problem.y0, problem.ts, problem.args
+    solver = config.solver
+    n = 0 if ts.shape[0] == 1 else config.num_steps
+    num_intervals = ts.shape[0] - 1
+    hs = (ts[1:] - ts[:-1]) / max(n, 1)
+
+    def step(carry, k):
+        state, result, t_fail, i, h, t_start = carry
+        t = t_start + k.astype(ts.dtype) * h  # t_k = t_i + k h_i: one rounding, no drift
+        state1, _ = solver.step(func, t, h, state, args)
+        bad = ~tree_all_finite(solver.y(state1)) & (result == RESULTS.successful)
+        result = RESULTS.where(bad, RESULTS.nonfinite_state, result)
+        t_fail = jnp.where(bad, t, t_fail)
+        out = jnp.where(k == n - 1, i + 1, -1)
+        rec = None
+        if record is not None:
+            rec = (t, h, out, solver.checkpoint(state) if record == "states" else None)
+        return (state1, result, t_fail, i, h, t_start), rec
+
+    def interval(carry, x):
+        state, result, t_fail = carry
+        i, h, t_start = x
+        (state, result, t_fail, *_), rec = jax.lax.scan(
+            step, (state, result, t_fail, i, h, t_start), jnp.arange(n)
+        )
+        return (state, result, t_fail), (solver.y(state), rec)
+
+    t_fail0 = jnp.where(result0 == RESULTS.successful, ts[-1], ts[0])
+    (state, result, t_fail), (ys, recs) = jax.lax.scan(
+        interval,
+        (state0, result0, t_fail0),
+        (jnp.arange(num_intervals), hs, ts[:-1]),
+    )
+    ys = jtu.tree_map(lambda a, b: jnp.concatenate([a[None], b]), y0, ys)
+    num_steps = jnp.asarray(n * num_intervals, jnp.int32)
+    stats = {
+        "num_steps": num_steps,
+        "num_rejected": jnp.zeros((), jnp.int32),
+        "num_fevals": jnp.asarray(
+            solver.fevals_init + solver.fevals_step * n * num_intervals, jnp.int32
+        ),
+        "t_final": t_fail,
+    }
+    trajectory = None
+    if record is not None:
+        t_k, h_k, out, states = jtu.tree_map(
+            lambda x: x.reshape((-1,) + x.shape[2:]), recs
+        )
+        trajectory = Trajectory(t_k, h_k, out, num_steps, states)
+    return LoopOutput(ys, result, stats, state, trajectory, ts[-1])
+
+
+class _Carry(eqx.Module):
+    t: jax.Array
+    h: jax.Array  # magnitude of the next step to try
+    state: object
+    j: jax.Array  # index of the next output time
+    num_steps: jax.Array
+    num_rejected: jax.Array
+    num_iters: jax.Array
+    prev_ratio: jax.Array
+    rejected_before: jax.Array
+    result: RESULTS
+    ys: object
+    rec: object
+
+
+def _write(buffer, index, value, pred):
+    # `value` leads: each of its leaves lines up with a whole buffer (itself a pytree).
+    return jtu.tree_map(lambda v, b: b.at[index].set(v, pred=pred), value, buffer)
+
+
+def _integrate_while(problem, config, state0, result0, direction, kind, record):
+    """Adaptive steps or `step_size`: one while loop bounded by `max_steps`."""
+    func, y0, ts, args = problem.func, problem.y0, problem.ts, problem.args
+    solver, controller, max_steps = config.solver, config.controller, config.max_steps
+    dtype = ts.dtype
+    eps = jnp.finfo(dtype).eps
+    num_out = ts.shape[0]
+    adaptive = isinstance(controller, PIController)
+
+    if adaptive:
+        h0 = controller.initial_step(func, solver, ts[0], y0, args, direction, dtype)
+        init_fevals = solver.fevals_init + 2
+    else:
+        h0 = jnp.abs(jnp.asarray(controller.step_size, dtype))
+        init_fevals = solver.fevals_init
+
+    ys = _nan_buffer((num_out,), y0)
+    ys = jtu.tree_map(lambda b, y: b.at[0].set(y), ys, y0)
+    rec = None
+    if record is not None:
+        checkpoint = solver.checkpoint(state0) if record == "states" else None
+        rec = (
+            jnp.zeros((max_steps,), dtype),
+            jnp.zeros((max_steps,), dtype),
+            jnp.full((max_steps,), -1, jnp.int32),
+            _nan_buffer((max_steps,), checkpoint),
+        )
+
+    def cond(c):
+        return (c.j < num_out) & (c.result == RESULTS.successful)
+
+    def body(c):
+        t_target = ts[c.j]
+        remaining = t_target - c.t
+        h_try = direction * c.h
+        tiny = 100 * eps * jnp.maximum(jnp.abs(t_target), jnp.abs(c.t))
+        reach = jnp.abs(remaining) <= jnp.abs(h_try) + tiny
+        zero = remaining == 0  # only when all of ts are equal: the identity
+        h = jnp.where(reach, remaining, h_try)
+        state1, error = solver.step(func, c.t, h, c.state, args)
+        finite = tree_all_finite(state1)
+        if adaptive:
+            accept, h_next, prev_ratio = controller.adapt(
+                solver.y(c.state), solver.y(state1), error, jnp.abs(h), c.prev_ratio,
+                c.rejected_before, finite, solver.error_order, dtype,
+            )
+            # Clipping to an output time must not shrink the steps that follow.
+            h_next = jnp.where(accept & reach, jnp.maximum(h_next, c.h), h_next)
+        else:
+            accept, h_next, prev_ratio = finite, c.h, c.prev_ratio
+        accept = accept | zero
+        h_next = jnp.where(zero, c.h, h_next)
+        took = accept & ~zero
+        state = tree_where(took, state1, c.state)
+        t = jnp.where(took, jnp.where(reach, t_target, c.t + h), c.t)
+        lands = accept & reach
+        ys = _write(c.ys, c.j, solver.y(state), lands)
+        rec = c.rec
+        if record is not None:
+            checkpoint = solver.checkpoint(c.state) if record == "states" else None
+            out = jnp.where(reach, c.j, -1).astype(jnp.int32)
+            rec = _write(rec, c.num_steps, (c.t, h, out, checkpoint), took)
+        if adaptive:
+            floor = 10 * eps * jnp.maximum(jnp.abs(c.t), jnp.abs(t_target))
+            failed = ~accept & (h_next <= floor)
+            code = RESULTS.where(finite, RESULTS.step_size_underflow, RESULTS.nonfinite_state)
+        else:
+            failed, code = ~accept, RESULTS.nonfinite_state
+        result = RESULTS.where(failed, code, c.result)
+        return _Carry(
+            t=t,
+            h=h_next,
+            state=state,
+            j=c.j + lands.astype(jnp.int32),
+            num_steps=c.num_steps + took.astype(jnp.int32),
+            num_rejected=c.num_rejected + (~accept).astype(jnp.int32),
+            num_iters=c.num_iters + 1,
+            prev_ratio=prev_ratio,
+            rejected_before=~accept,
+            result=result,
+            ys=ys,
+            rec=rec,
+        )
+
+    zero_i = jnp.zeros((), jnp.int32)
+    carry0 = _Carry(
+        t=ts[0],
+        h=h0,
+        state=state0,
+        j=jnp.ones((), jnp.int32),
+        num_steps=zero_i,
+        num_rejected=zero_i,
+        num_iters=zero_i,
+        prev_ratio=jnp.ones((), dtype),
+        rejected_before=jnp.array(False),
+        result=result0,
+        ys=ys,
+        rec=rec,
+    )
+    c = eqxi.while_loop(
+        cond,
+        body,
+        carry0,
+        max_steps=max_steps,
+        buffers=lambda c: (c.ys, c.rec),
+        kind=kind,
+    )
+    result = RESULTS.where(
+        (c.j < num_out) & (c.result == RESULTS.successful),
+        RESULTS.max_steps_reached,
+        c.result,
+    )
+    stats = {
+        "num_steps": c.num_steps,
+        "num_rejected": c.num_rejected,
+        "num_fevals": init_fevals + solver.fevals_step * c.num_iters,
+        "t_final": c.t,
+    }
+    trajectory = None
+    if record is not None:
+        t_k, h_k, out, states = c.rec
+        trajectory = Trajectory(t_k, h_k, out, c.num_steps, states)
+    t_target = ts[jnp.minimum(c.j, num_out - 1)]
+    return LoopOutput(c.ys, result, stats, c.state, trajectory, t_target)

@@ -1,0 +1,63 @@
+"""Small pytree and dtype helpers shared by the solvers, the controller and the loop."""
+
+import functools as ft
+
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+
+
+def tree_lincomb(y, h, coeffs, ks):
+    """`y + h * sum_j coeffs[j] * ks[j]` leaf by leaf, skipping zero coefficients
+    (`y=None`: just the sum).
+
+    `h` is cast to each leaf's dtype so that a float64 time never promotes a float32
+    state (tests run with strict dtype promotion)."""
+    terms = [(c, k) for c, k in zip(coeffs, ks) if c != 0]
+    if not terms:
+        return y
+    h = jnp.asarray(h)
+
+    def leaf(y_leaf, *k_leaves):
+        acc = sum(c * k for (c, _), k in zip(terms, k_leaves))
+        update = h.astype(k_leaves[0].dtype) * acc
+        return update if y_leaf is None else y_leaf + update
+
+    if y is None:
+        return jtu.tree_map(lambda *k: leaf(None, *k), *[k for _, k in terms])
+    return jtu.tree_map(leaf, y, *[k for _, k in terms])
+
+
+def tree_scale_add(x, a, y):
+    """`x + a * y` leaf by leaf, with the scalar `a` cast to each leaf's dtype."""
+    return jtu.tree_map(lambda xi, yi: xi + jnp.asarray(a).astype(xi.dtype) * yi, x, y)
+
+
+def tree_all_finite(tree):
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jtu.tree_leaves(tree)]
+    return ft.reduce(jnp.logical_and, leaves, jnp.array(True))
+
+
+def tree_where(pred, on_true, on_false):
+    return jtu.tree_map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
+
+
+def rms_norm(tree, dtype):
+    """Root mean square over every element of every leaf, computed in `dtype`."""
+    leaves = jtu.tree_leaves(tree)
+    size = sum(x.size for x in leaves)
+    if size == 0:
+        return jnp.zeros((), dtype)
+    total = sum(jnp.sum(jnp.square(x.astype(dtype))) for x in leaves)
+    return jnp.sqrt(total / size)
+
+
+def time_dtype(ts_dtype, y0):
+    """Times are kept in at least the precision of the state (DESIGN.md §2)."""
+    return ft.reduce(jnp.promote_types, [x.dtype for x in jtu.tree_leaves(y0)], ts_dtype)
+
+
+def stop_gradient_tree(tree):
+    return jtu.tree_map(
+        lambda x: jax.lax.stop_gradient(x) if isinstance(x, jax.Array) else x, tree
+    )

@@ -1,0 +1,36 @@
+"""Result codes and the `Solution` returned by `solve`."""
+
+import equinox as eqx
+from jaxtyping import Array, PyTree
+
+
+class RESULTS(eqx.Enumeration):
+    """Outcome of a solve. Compare with `sol.result == mj.RESULTS.successful`."""
+
+    successful = ""
+    max_steps_reached = (
+        "The maximum number of solver steps was reached before the last output time."
+    )
+    nonfinite_state = "The state became non-finite (NaN or inf)."
+    step_size_underflow = "The adaptive step size underflowed."
+    ts_not_monotone = "`ts` is not strictly monotone."
+
+
+class Solution(eqx.Module):
+    """What `malijax.solve` returns.
+
+    **Fields:**
+
+    - `ts`: the output times, as passed in (cast to the time dtype).
+    - `ys`: the state at each output time; a pytree like `y0` with a leading axis of
+      `len(ts)`. Outputs that were not reached (after a failure with `throw=False`) are NaN.
+    - `result`: a `RESULTS` value.
+    - `stats`: `num_steps` (accepted steps), `num_rejected`, `num_fevals` (forward
+      evaluations of `func`, including the initial-step heuristic), `t_final` (the
+      time the solve reached).
+    """
+
+    ts: Array
+    ys: PyTree[Array]
+    result: RESULTS
+    stats: dict[str, Array]

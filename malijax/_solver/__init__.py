@@ -1,0 +1,13 @@
+from .alf import ALF as ALF
+from .base import AbstractReversibleSolver as AbstractReversibleSolver
+from .base import AbstractSolver as AbstractSolver
+from .reversible_heun import ReversibleHeun as ReversibleHeun
+from .runge_kutta import AbstractRungeKutta as AbstractRungeKutta
+from .runge_kutta import Bosh3 as Bosh3
+from .runge_kutta import ButcherTableau as ButcherTableau
+from .runge_kutta import Dopri5 as Dopri5
+from .runge_kutta import Euler as Euler
+from .runge_kutta import Heun as Heun
+from .runge_kutta import Midpoint as Midpoint
+from .runge_kutta import RK4 as RK4
+from .runge_kutta import Tsit5 as Tsit5

@@ -1,0 +1,61 @@
+"""Solver interfaces.
+
+A solver is an immutable `eqx.Module`. It carries a *state* between steps (for an
+explicit Runge--Kutta method with FSAL the state is `(y, f(t, y))`, for ALF `(z, v)`),
+and exposes pure functions over it. Step sizes are signed: `h < 0` integrates
+backwards in time.
+"""
+
+import abc
+from typing import ClassVar
+
+import equinox as eqx
+
+
+class AbstractSolver(eqx.Module):
+    """Base class of every solver.
+
+    Class attributes:
+
+    - `order`: the classical order of the method.
+    - `error_order`: the exponent `q` the step-size controller uses (`h ∝ r^(-1/q)`),
+      or `None` when the solver has no embedded error estimate (fixed steps only).
+    - `fevals_init`, `fevals_step`: evaluations of `func` made by `init` and by one
+      `step`; the loop uses them for `Solution.stats["num_fevals"]`.
+    """
+
+    order: ClassVar[int]
+    error_order: ClassVar[int | None]
+    fevals_init: ClassVar[int]
+    fevals_step: ClassVar[int]
+
+    @abc.abstractmethod
+    def init(self, func, t0, y0, args):
+        """The solver state at `(t0, y0)`."""
+
+    @abc.abstractmethod
+    def step(self, func, t, h, state, args):
+        """One step from `t` to `t + h`: returns `(state1, error)`, where `error` is a
+        pytree like `y` (the local error estimate) or `None`."""
+
+    @abc.abstractmethod
+    def y(self, state):
+        """The ODE state `y` held in a solver state."""
+
+    def checkpoint(self, state):
+        """What a checkpointing strategy stores for `state` (default: all of it)."""
+        return state
+
+    def restore(self, func, t, checkpoint, args):
+        """Inverse of `checkpoint`: the solver state at time `t`."""
+        del func, t, args
+        return checkpoint
+
+
+class AbstractReversibleSolver(AbstractSolver):
+    """A solver whose step has an exact algebraic inverse (ALF, reversible Heun)."""
+
+    @abc.abstractmethod
+    def inverse(self, func, t, h, state1, args):
+        """The state at `t` from the state at `t + h`: `step(t, h, inverse(t, h, s)) == s`
+        up to rounding, with `t` and `h` exactly those the forward step used."""

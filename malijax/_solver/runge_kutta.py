@@ -1,0 +1,218 @@
+"""Explicit Runge--Kutta methods: one generic step driven by a Butcher tableau.
+
+Convention (ALGORITHMS.md §8): `X_i = y + h Σ_j a_ij k_j`, `k_i = f(t + c_i h, X_i)`,
+`y1 = y + h Σ_i b_i k_i`, error estimate `h Σ_i (b_i - b̂_i) k_i`.
+"""
+
+import dataclasses
+from fractions import Fraction
+from typing import ClassVar
+
+import numpy as np
+
+from .._misc import tree_lincomb
+from .base import AbstractSolver
+
+
+@dataclasses.dataclass(frozen=True)
+class ButcherTableau:
+    """An explicit Runge--Kutta tableau, validated on construction.
+
+    `a[i]` holds the `i` coefficients `a_{i+1, 1..i}` of stage `i + 1` (stage 1 has
+    none), `b_error = b - b̂` (or `None` for a method without an embedded estimate).
+    Not a pytree: the coefficients are compile-time constants.
+    """
+
+    c: tuple[float, ...]
+    a: tuple[tuple[float, ...], ...]
+    b: tuple[float, ...]
+    b_error: tuple[float, ...] | None = None
+
+    def __post_init__(self):
+        s = len(self.c)
+        if len(self.b) != s or len(self.a) != s - 1:
+            raise ValueError("Butcher tableau: c, a and b disagree on the stage count.")
+        if self.c[0] != 0:
+            raise ValueError("Butcher tableau: an explicit method needs c_1 = 0.")
+        for i, row in enumerate(self.a, start=1):
+            if len(row) != i:
+                raise ValueError(f"Butcher tableau: row {i + 1} of a needs {i} entries.")
+            if not np.isclose(sum(row), self.c[i], rtol=0, atol=1e-13):
+                raise ValueError(f"Butcher tableau: row {i + 1} of a does not sum to c.")
+        if not np.isclose(sum(self.b), 1.0, rtol=0, atol=1e-13):
+            raise ValueError("Butcher tableau: b does not sum to 1.")
+        if self.b_error is not None:
+            if len(self.b_error) != s:
+                raise ValueError("Butcher tableau: b_error needs one entry per stage.")
+            if not np.isclose(sum(self.b_error), 0.0, rtol=0, atol=1e-13):
+                raise ValueError("Butcher tableau: b_error does not sum to 0.")
+
+    @property
+    def num_stages(self):
+        return len(self.c)
+
+    @property
+    def fsal(self):
+        """First same as last: the last stage is evaluated at `(t + h, y1)`, so its
+        value is the next step's first stage."""
+        return self.c[-1] == 1 and len(self.a) > 0 and tuple(self.a[-1]) == tuple(self.b[:-1])
+
+
+def _fractions(*xs):
+    return tuple(float(Fraction(x)) for x in xs)
+
+
+class AbstractRungeKutta(AbstractSolver):
+    """An explicit Runge--Kutta method defined by its class attribute `tableau`.
+
+    The state is `(y, k1)` with `k1 = f(t, y)` for FSAL tableaux (one evaluation
+    saved per step), and `(y, None)` otherwise.
+    """
+
+    tableau: ClassVar[ButcherTableau]
+
+    def init(self, func, t0, y0, args):
+        k1 = func(t0, y0, args) if self.tableau.fsal else None
+        return (y0, k1)
+
+    def step(self, func, t, h, state, args):
+        tab = self.tableau
+        y, k1 = state
+        ks = [k1 if tab.fsal else func(t, y, args)]
+        x = y
+        for i in range(1, tab.num_stages):
+            x = tree_lincomb(y, h, tab.a[i - 1], ks)
+            ks.append(func(t + tab.c[i] * h, x, args))
+        # With FSAL the last stage's input *is* y1, bit for bit, so the carried k1 of
+        # the next step equals f(t + h, y1) exactly and gradients see the same map.
+        y1 = x if tab.fsal else tree_lincomb(y, h, tab.b, ks)
+        error = None if tab.b_error is None else tree_lincomb(None, h, tab.b_error, ks)
+        return (y1, ks[-1] if tab.fsal else None), error
+
+    def y(self, state):
+        return state[0]
+
+    def checkpoint(self, state):
+        # k1 is recomputed from y on restore: store one state per step, not two.
+        return state[0]
+
+    def restore(self, func, t, checkpoint, args):
+        return self.init(func, t, checkpoint, args)
+
+
+def _rk_class(name, tableau, order, error_order, doc):
+    fsal = tableau.fsal
+    cls = type(
+        name,
+        (AbstractRungeKutta,),
+        {
+            "__doc__": doc,
+            "__module__": __name__,
+            "__annotations__": {},
+            "tableau": tableau,
+            "order": order,
+            "error_order": error_order,
+            "fevals_init": 1 if fsal else 0,
+            "fevals_step": tableau.num_stages - 1 if fsal else tableau.num_stages,
+        },
+    )
+    return cls
+
+
+_euler = ButcherTableau(c=(0.0,), a=(), b=(1.0,))
+_midpoint = ButcherTableau(c=(0.0, 0.5), a=((0.5,),), b=(0.0, 1.0), b_error=(-1.0, 1.0))
+_heun = ButcherTableau(c=(0.0, 1.0), a=((1.0,),), b=(0.5, 0.5), b_error=(-0.5, 0.5))
+_rk4 = ButcherTableau(
+    c=(0.0, 0.5, 0.5, 1.0),
+    a=((0.5,), (0.0, 0.5), (0.0, 0.0, 1.0)),
+    b=_fractions("1/6", "1/3", "1/3", "1/6"),
+)
+_bosh3 = ButcherTableau(
+    c=_fractions("0", "1/2", "3/4", "1"),
+    a=((0.5,), (0.0, 0.75), _fractions("2/9", "1/3", "4/9")),
+    b=_fractions("2/9", "1/3", "4/9", "0"),
+    b_error=_fractions("-5/72", "1/12", "1/9", "-1/8"),
+)
+_dopri5_b = ("35/384", "0", "500/1113", "125/192", "-2187/6784", "11/84", "0")
+_dopri5_bhat = ("1951/21600", "0", "22642/50085", "451/720", "-12231/42400", "649/6300", "1/60")
+_dopri5 = ButcherTableau(
+    c=_fractions("0", "1/5", "3/10", "4/5", "8/9", "1", "1"),
+    a=(
+        _fractions("1/5"),
+        _fractions("3/40", "9/40"),
+        _fractions("44/45", "-56/15", "32/9"),
+        _fractions("19372/6561", "-25360/2187", "64448/6561", "-212/729"),
+        _fractions("9017/3168", "-355/33", "46732/5247", "49/176", "-5103/18656"),
+        _fractions(*_dopri5_b[:6]),
+    ),
+    b=_fractions(*_dopri5_b),
+    # b - b̂ in exact rational arithmetic, then rounded once.
+    b_error=tuple(float(Fraction(p) - Fraction(q)) for p, q in zip(_dopri5_b, _dopri5_bhat)),
+)
+_tsit5_b = (
+    0.096460766818065229518,
+    0.01,
+    0.47988965041449957478,
+    1.3790085741037418932,
+    -3.2900695154360806799,
+    2.3247105240997739824,
+)
+_tsit5 = ButcherTableau(
+    c=(0.0, 0.161, 0.327, 0.9, 0.98002554090450968573, 1.0, 1.0),
+    a=(
+        (0.161,),
+        (-0.0084806554923569885444, 0.33548065549235698854),
+        (2.8971530571054934321, -6.3594484899750748431, 4.3622954328695814110),
+        (
+            5.3258648284392566044,
+            -11.748883564062827878,
+            7.4955393428898362083,
+            -0.092495066361755249257,
+        ),
+        (
+            5.8614554429464200287,
+            -12.920969317847109292,
+            8.1593678985761586432,
+            -0.071584973281400997225,
+            -0.028269050394068382909,
+        ),
+        _tsit5_b,
+    ),
+    b=_tsit5_b + (0.0,),
+    b_error=(
+        0.0017800110522257714,
+        0.00081643445965674690,
+        -0.0078808780102619960,
+        0.14471100717326290750,
+        -0.58235716545255522500,
+        0.45808210592918694660,
+        -1 / 66,
+    ),
+)
+
+Euler = _rk_class("Euler", _euler, 1, None, "Explicit Euler, order 1; fixed steps only.")
+Midpoint = _rk_class(
+    "Midpoint",
+    _midpoint,
+    2,
+    2,
+    "Explicit midpoint rule, order 2, embedded Euler error estimate (ANODE's 'RK2').",
+)
+Heun = _rk_class(
+    "Heun", _heun, 2, 2, "Heun's method (explicit trapezoid), order 2, embedded Euler."
+)
+RK4 = _rk_class("RK4", _rk4, 4, None, "The classic fourth-order Runge--Kutta method.")
+Bosh3 = _rk_class(
+    "Bosh3", _bosh3, 3, 3, "Bogacki--Shampine 3(2), FSAL: 3 evaluations per step."
+)
+Dopri5 = _rk_class(
+    "Dopri5",
+    _dopri5,
+    5,
+    5,
+    "Dormand--Prince 5(4) with Shampine's embedded weights (as torchdiffeq, diffrax and "
+    "scipy's RK45), FSAL: 6 evaluations per step.",
+)
+Tsit5 = _rk_class(
+    "Tsit5", _tsit5, 5, 5, "Tsitouras 5(4), FSAL: 6 evaluations per step."
+)
