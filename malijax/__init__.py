@@ -5,7 +5,9 @@ import importlib.metadata
 
 from ._errors import SolveError as SolveError
 from ._gradient import AbstractGradient as AbstractGradient
+from ._gradient import ACA as ACA
 from ._gradient import Direct as Direct
+from ._gradient import MALI as MALI
 from ._odeint import odeint as odeint
 from ._odeint import solve as solve
 from ._solution import RESULTS as RESULTS

@@ -10,7 +10,7 @@ import numpy as np
 
 from ._controller import ConstantStepSize, PIController
 from ._errors import error_if_failed
-from ._gradient import AbstractGradient, Direct
+from ._gradient import ACA, MALI, AbstractGradient
 from ._loop import Config, Problem
 from ._misc import time_dtype
 from ._solution import RESULTS, Solution
@@ -18,8 +18,8 @@ from ._solver import ALF, AbstractReversibleSolver, AbstractSolver
 
 
 def _default_gradient(solver):
-    del solver
-    return Direct()
+    """MALI for reversible solvers (constant memory), ACA otherwise (DESIGN.md §1)."""
+    return MALI() if isinstance(solver, AbstractReversibleSolver) else ACA()
 
 
 def _is_concrete(x):

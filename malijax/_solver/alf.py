@@ -2,6 +2,8 @@
 
 from typing import ClassVar
 
+import equinox as eqx
+import jax.numpy as jnp
 import jax.tree_util as jtu
 
 from .base import AbstractReversibleSolver
@@ -79,7 +81,42 @@ class ALF(AbstractReversibleSolver):
         z = jtu.tree_map(lambda a, b: a - (0.5 * h).astype(a.dtype) * b, x_m, v)
         return (z, v)
 
+    def inverse_vjp(self, func, t, h, state1, ct_state1, args):
+        """Fused inverse and VJP: one VJP of `func` per step (ALGORITHMS.md §2.2).
+
+        With cotangents `(a_z, a_v)` on `(z', v')` and `u, J = f, ∂f/∂x` at the
+        midpoint `(t + h/2, x_m)`, `x_m = z' - (h/2) v'`:
+
+            g = a_v + (h/2) a_z,   w = 2η g,   ā_xm = a_z + Jᵀw,
+            ā_z = ā_xm,   ā_v = (1 - 2η) g + (h/2) ā_xm,
+            ā_t = f_tᵀw,   ā_h = <a_z, v'>/2 + <ā_xm, v>/2 + f_tᵀw/2.
+        """
+        z1, v1 = state1
+        a_z, a_v = ct_state1
+        eta = self.eta
+        half = 0.5 * h
+        x_m = jtu.tree_map(lambda a, b: a - half.astype(a.dtype) * b, z1, v1)
+        t_m = self._midpoint(t, h)
+        u, pull = eqx.filter_vjp(lambda t_m, x, func, args: func(t_m, x, args), t_m, x_m, func, args)
+        v0 = jtu.tree_map(lambda vi, ui: (vi - 2 * eta * ui) / (1 - 2 * eta), v1, u)
+        z0 = jtu.tree_map(lambda a, b: a - half.astype(a.dtype) * b, x_m, v0)
+        g = jtu.tree_map(lambda av, az: av + half.astype(az.dtype) * az, a_v, a_z)
+        w = jtu.tree_map(lambda gi: 2 * eta * gi, g)
+        g_tm, jtw, g_func, g_args = pull(w)
+        a_xm = jtu.tree_map(lambda a, b: a + b, a_z, jtw)
+        a_v0 = jtu.tree_map(
+            lambda gi, ax: (1 - 2 * eta) * gi + half.astype(ax.dtype) * ax, g, a_xm
+        )
+        g_tm = jnp.zeros_like(t) if g_tm is None else g_tm
+        g_h = 0.5 * (_dot(a_z, v1, h.dtype) + _dot(a_xm, v0, h.dtype) + g_tm)
+        return (z0, v0), (a_xm, a_v0), g_func, g_args, g_tm, g_h
+
     def y(self, state):
         return state[0]
+
+
+def _dot(a, b, dtype):
+    leaves = [jnp.sum(x * y).astype(dtype) for x, y in zip(jtu.tree_leaves(a), jtu.tree_leaves(b))]
+    return sum(leaves, jnp.zeros((), dtype))
 
 

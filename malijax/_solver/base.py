@@ -51,6 +51,10 @@ class AbstractSolver(eqx.Module):
         del func, t, args
         return checkpoint
 
+    def checkpoint_y(self, checkpoint):
+        """The ODE state `y` held in a checkpoint."""
+        return self.y(checkpoint)
+
 
 class AbstractReversibleSolver(AbstractSolver):
     """A solver whose step has an exact algebraic inverse (ALF, reversible Heun)."""
@@ -59,3 +63,19 @@ class AbstractReversibleSolver(AbstractSolver):
     def inverse(self, func, t, h, state1, args):
         """The state at `t` from the state at `t + h`: `step(t, h, inverse(t, h, s)) == s`
         up to rounding, with `t` and `h` exactly those the forward step used."""
+
+    def inverse_vjp(self, func, t, h, state1, ct_state1, args):
+        """Undo one step and pull a cotangent back through it.
+
+        Returns `(state0, ct_state0, ct_func, ct_args, ct_t, ct_h)`, where the
+        cotangents are those of the step's inputs given `ct_state1` on its output.
+        The default reconstructs `state0` with `inverse` and then takes the VJP of
+        `step`; solvers override it to share function evaluations between the two.
+        """
+        state0 = self.inverse(func, t, h, state1, args)
+
+        def step(state, func, args, t, h):
+            return self.step(func, t, h, state, args)[0]
+
+        _, pull = eqx.filter_vjp(step, state0, func, args, t, h)
+        return (state0, *pull(ct_state1))

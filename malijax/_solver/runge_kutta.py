@@ -99,6 +99,9 @@ class AbstractRungeKutta(AbstractSolver):
     def restore(self, func, t, checkpoint, args):
         return self.init(func, t, checkpoint, args)
 
+    def checkpoint_y(self, checkpoint):
+        return checkpoint
+
 
 def _rk_class(name, tableau, order, error_order, doc):
     fsal = tableau.fsal

@@ -1,0 +1,155 @@
+"""The one reverse sweep shared by the custom-VJP strategies (ACA, MALI).
+
+The forward map is `y0 -> x_0 -> x_1 -> ... -> x_N`, one solver step per arrow, where
+`x_k` is what a strategy carries between steps (a checkpoint for ACA, the whole solver
+state for MALI) and the output `ys[j]` is `y(x_{k+1})` for the step `k` that ends on
+`ts[j]`. The sweep walks the recorded steps backwards carrying `(x_{k+1}, ∂L/∂x_{k+1})`;
+a strategy only says how one step is undone (`backward_step`): it returns `x_k`, the
+cotangent of `x_k`, and the cotangents of `func`, `args`, `t_k` and `h_k`.
+
+Time gradients are exact for the computed discretisation, the same as `Direct`: the
+step sizes chosen by the controller are constants (`stop_gradient`), a step clipped to
+land on `ts[j]` has `h_k = ts[j] - t_k` and ends at `t_{k+1} = ts[j]`, any other step
+ends at `t_k + h_k`, and on a `num_steps=N` grid `t_k = ts[i] + n (ts[i+1] - ts[i]) / N`.
+"""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+
+from .._loop import LoopOutput, Problem, integrate
+
+
+def _zeros_like(tree):
+    return jtu.tree_map(lambda x: jnp.zeros_like(x) if eqx.is_inexact_array(x) else None, tree)
+
+
+def _add(a, b):
+    return jtu.tree_map(lambda x, y: x if y is None else (y if x is None else x + y), a, b,
+                        is_leaf=lambda x: x is None)
+
+
+def _where(pred, a, b):
+    return jtu.tree_map(lambda x, y: None if x is None else jnp.where(pred, x, y), a, b,
+                        is_leaf=lambda x: x is None)
+
+
+def _output_cotangent(ct_ys, out):
+    """`∂L/∂ys[out]`, or zeros when the step ends on no output (`out = -1`)."""
+    return jtu.tree_map(
+        lambda c: jnp.where(out >= 0, c[jnp.maximum(out, 0)], jnp.zeros_like(c[0])), ct_ys
+    )
+
+
+def solve_with_custom_vjp(strategy, problem, config):
+    """Run the forward loop under a custom VJP whose backward is `reverse_sweep`."""
+    func = eqx.filter_closure_convert(problem.func, problem.ts[0], problem.y0, problem.args)
+    diff = (problem.y0, func, problem.args, problem.ts)
+    ys, result, stats = _solve(diff, config, strategy)
+    return LoopOutput(ys, result, stats, None, None, problem.ts[-1])
+
+
+def _forward(diff, config, strategy):
+    y0, func, args, ts = diff
+    return integrate(Problem(func, y0, ts, args), config, kind="lax", record=strategy.record)
+
+
+@eqx.filter_custom_vjp
+def _solve(diff, config, strategy):
+    out = _forward(diff, config, strategy)
+    return out.ys, out.result, out.stats
+
+
+@_solve.def_fwd
+def _solve_fwd(perturbed, diff, config, strategy):
+    del perturbed
+    out = _forward(diff, config, strategy)
+    return (out.ys, out.result, out.stats), (out.trajectory, out.final_state)
+
+
+@_solve.def_bwd
+def _solve_bwd(residuals, grad_obj, perturbed, diff, config, strategy):
+    del perturbed
+    trajectory, final_state = residuals
+    ct_ys = jtu.tree_map(
+        lambda c, y: jnp.zeros_like(y) if c is None else c, grad_obj[0], diff[0],
+        is_leaf=lambda x: x is None,
+    ) if grad_obj[0] is not None else _zeros_like(diff[0])
+    return reverse_sweep(strategy, diff, config, trajectory, final_state, ct_ys)
+
+
+def reverse_sweep(strategy, diff, config, traj, final_state, ct_ys):
+    y0, func, args, ts = diff
+    solver = config.solver
+    grid = config.controller is None  # a num_steps grid (scan) rather than a while loop
+    n_per = config.num_steps if grid else None
+    x_final = strategy.final_carry(solver, final_state)
+    num_out = ts.shape[0]
+
+    def step_back(k, carry):
+        x1, ct_x1, ct_func, ct_args, ct_t1, ct_ts = carry
+        t, h, out = traj.ts[k], traj.hs[k], traj.out[k]
+        _, pull_y = jax.vjp(lambda x: strategy.carry_y(solver, x), x1)
+        (ct_y1,) = pull_y(_output_cotangent(ct_ys, out))
+        ct_x1 = _add(ct_x1, ct_y1)
+        x0, ct_x0, g_func, g_args, g_t, g_h = strategy.backward_step(
+            solver, func, args, traj, k, t, h, x1, ct_x1
+        )
+        g_t = jnp.zeros_like(t) if g_t is None else g_t
+        g_h = jnp.zeros_like(h) if g_h is None else g_h
+        if grid:
+            i, n = k // n_per, k % n_per
+            frac = n.astype(ts.dtype) / n_per
+            ct_ts = ct_ts.at[i].add(g_t * (1 - frac) - g_h / n_per)
+            ct_ts = ct_ts.at[i + 1].add(g_t * frac + g_h / n_per)
+            ct_t0 = ct_t1  # unused on a grid: every t_k comes from ts directly
+        else:
+            ends = out >= 0
+            j = jnp.maximum(out, 0)
+            ct_ts = ct_ts.at[j].add(jnp.where(ends, ct_t1 + g_h, 0))
+            ct_t0 = jnp.where(ends, g_t - g_h, g_t + ct_t1)
+        ct_func = _add(ct_func, g_func)
+        ct_args = _add(ct_args, g_args)
+        return x0, ct_x0, ct_func, ct_args, ct_t0, ct_ts
+
+    carry = (
+        x_final,
+        _zeros_like(x_final),
+        _zeros_like(func),
+        _zeros_like(args),
+        jnp.zeros((), ts.dtype),
+        jnp.zeros_like(ts),
+    )
+    if grid:
+        num = traj.ts.shape[0]
+
+        def scan_body(c, k):
+            return step_back(k, c), None
+
+        carry, _ = jax.lax.scan(scan_body, carry, jnp.arange(num - 1, -1, -1))
+    else:
+
+        def while_body(c):
+            k, inner = c
+            return k - 1, step_back(k, inner)
+
+        _, carry = jax.lax.while_loop(
+            lambda c: c[0] >= 0, while_body, (traj.num_steps - 1, carry)
+        )
+    _, ct_x0, ct_func, ct_args, ct_t0, ct_ts = carry
+    ct_ts = ct_ts.at[0].add(ct_t0)
+
+    # Through x_0 = to_carry(init(func, t0, y0, args)) (for ALF: v0 = f(t0, z0)).
+    def init_map(y0, func, args, t0):
+        return strategy.initial_carry(solver, solver.init(func, t0, y0, args))
+
+    _, pull_init = eqx.filter_vjp(init_map, y0, func, args, ts[0])
+    ct_y0, g_func, g_args, g_t0 = pull_init(ct_x0)
+    ct_y0 = _add(ct_y0, jtu.tree_map(lambda c: c[0], ct_ys))
+    if not grid and num_out > 1:
+        # All ts equal: the while loop takes no steps and every output is y0.
+        same = ts[-1] == ts[0]
+        ct_y0 = _add(ct_y0, jtu.tree_map(lambda c: jnp.where(same, jnp.sum(c[1:], 0), 0), ct_ys))
+    ct_ts = ct_ts.at[0].add(jnp.zeros_like(ts[0]) if g_t0 is None else g_t0)
+    return (ct_y0, _add(ct_func, g_func), _add(ct_args, g_args), ct_ts)

@@ -1,0 +1,56 @@
+from .._solver import AbstractReversibleSolver
+from ._sweep import solve_with_custom_vjp
+from .base import AbstractGradient
+
+
+class MALI(AbstractGradient):
+    """Memory-efficient ALF integrator gradients (Zhuang et al., ICLR 2021).
+
+    The forward keeps only the final solver state and the accepted `(t_k, h_k)` (a
+    vector of scalars); the backward reconstructs each state with the solver's exact
+    algebraic inverse and takes the step's local VJP. For `ALF` the two are fused:
+    the inverse's evaluation of `func` is the VJP's forward, so the backward costs one
+    VJP of `func` per step (ALGORITHMS.md §2.2). The gradient through `v0 = f(t0, z0)`
+    is included. Memory does not grow with the number of steps, apart from the
+    `(t_k, h_k)` scalars (sized by `max_steps` under adaptive stepping).
+
+    Needs a reversible solver (`ALF` or `ReversibleHeun`). With `ALF(eta < 1)` the
+    inverse amplifies rounding by `1/|1 - 2η|` per step: gradients lose about
+    `log10(1/|1-2η|)` digits per step (see `ALF`).
+
+    ??? cite "Reference"
+        Zhuang, Dvornek, Tatikonda & Duncan, "MALI: A memory efficient and reverse
+        accurate integrator for Neural ODEs", ICLR 2021.
+    """
+
+    record = "grid"
+
+    def check(self, solver, config):
+        del config
+        if not isinstance(solver, AbstractReversibleSolver):
+            raise TypeError(
+                f"MALI() reconstructs states with an algebraic inverse, which "
+                f"{type(solver).__name__} does not have. Use solver=mj.ALF() or "
+                "mj.ReversibleHeun() with MALI, or gradient=mj.ACA() / "
+                "mj.SymplecticAdjoint() / mj.Direct() with this solver."
+            )
+        if getattr(solver, "eta", None) == 0.5:
+            raise ValueError("MALI() needs ALF(eta != 0.5): ALF(eta=0.5) has no inverse.")
+
+    def apply(self, problem, config):
+        return solve_with_custom_vjp(self, problem, config)
+
+    def final_carry(self, solver, final_state):
+        del solver
+        return final_state
+
+    def initial_carry(self, solver, state):
+        del solver
+        return state
+
+    def carry_y(self, solver, x):
+        return solver.y(x)
+
+    def backward_step(self, solver, func, args, traj, k, t, h, x1, ct_x1):
+        del traj, k
+        return solver.inverse_vjp(func, t, h, x1, ct_x1, args)
