@@ -47,11 +47,12 @@ class Trajectory(eqx.Module):
     """The accepted discretisation, recorded for a gradient strategy.
 
     Buffers have `max_steps` rows for a while loop (only the first `num_steps` are
-    meaningful) and exactly `(len(ts) - 1) * N` rows for a `num_steps=N` grid."""
+    meaningful). A `num_steps=N` grid records no times (`ts`, `hs`, `out` are None:
+    `grid_step` recomputes them) and exactly `(len(ts) - 1) * N` state rows."""
 
-    ts: jax.Array  # t_k, start of step k
-    hs: jax.Array  # h_k, signed, exactly as the step used it
-    out: jax.Array  # index j of ts that step k ends on, or -1
+    ts: jax.Array | None  # t_k, start of step k
+    hs: jax.Array | None  # h_k, signed, exactly as the step used it
+    out: jax.Array | None  # index j of ts that step k ends on, or -1
     num_steps: jax.Array
     states: object  # solver.checkpoint(state at t_k) per step, or None
 
@@ -63,6 +64,24 @@ class LoopOutput(eqx.Module):
     final_state: object
     trajectory: Trajectory | None
     t_target: jax.Array  # the output time being aimed at when the loop stopped
+
+
+def grid_steps(ts, n):
+    """h_i = (ts[i+1] - ts[i]) / n, the step of output interval i on a `num_steps` grid."""
+    return (ts[1:] - ts[:-1]) / n
+
+
+def grid_time(t_start, h, k):
+    """t_k = ts[i] + k h_i: one rounding, no drift; the backward recomputes it bit for bit."""
+    return t_start + k.astype(t_start.dtype) * h
+
+
+def grid_step(ts, n, k):
+    """`(t_k, h_k, out_k)` of flat step `k` on a `num_steps=n` grid, as the forward used
+    them; `out_k` is the index of the output time the step ends on, or -1."""
+    i, m = k // n, k % n
+    h = grid_steps(ts, n)[i]
+    return grid_time(ts[i], h, m), h, jnp.where(m == n - 1, i + 1, -1)
 
 
 def _nan_buffer(shape, like):
@@ -104,26 +123,27 @@ def _integrate_grid(problem, config, state0, result0, direction, record):
     solver = config.solver
     n = 0 if ts.shape[0] == 1 else config.num_steps
     num_intervals = ts.shape[0] - 1
-    hs = (ts[1:] - ts[:-1]) / max(n, 1)
+    hs = grid_steps(ts, max(n, 1))
 
-    def step(carry, k):
-        state, result, t_fail, i, h, t_start = carry
-        t = t_start + k.astype(ts.dtype) * h  # t_k = t_i + k h_i: one rounding, no drift
+    def step(carry, _):
+        # The step counter is carried, not scanned over: an index vector would cost
+        # memory proportional to the number of steps.
+        state, result, t_fail, i, h, t_start, k = carry
+        t = grid_time(t_start, h, k)
         state1, _ = solver.step(func, t, h, state, args)
         bad = ~tree_all_finite(solver.y(state1)) & (result == RESULTS.successful)
         result = RESULTS.where(bad, RESULTS.nonfinite_state, result)
         t_fail = jnp.where(bad, t, t_fail)
-        out = jnp.where(k == n - 1, i + 1, -1)
-        rec = None
-        if record is not None:
-            rec = (t, h, out, solver.checkpoint(state) if record == "states" else None)
-        return (state1, result, t_fail, i, h, t_start), rec
+        # The grid itself is never stored: `grid_step` recomputes (t_k, h_k) from ts.
+        rec = solver.checkpoint(state) if record == "states" else None
+        return (state1, result, t_fail, i, h, t_start, k + 1), rec
 
     def interval(carry, x):
         state, result, t_fail = carry
         i, h, t_start = x
+        k0 = jnp.zeros((), jnp.int32)
         (state, result, t_fail, *_), rec = jax.lax.scan(
-            step, (state, result, t_fail, i, h, t_start), jnp.arange(n)
+            step, (state, result, t_fail, i, h, t_start, k0), None, length=n
         )
         return (state, result, t_fail), (solver.y(state), rec)
 
@@ -145,10 +165,8 @@ def _integrate_grid(problem, config, state0, result0, direction, record):
     }
     trajectory = None
     if record is not None:
-        t_k, h_k, out, states = jtu.tree_map(
-            lambda x: x.reshape((-1,) + x.shape[2:]), recs
-        )
-        trajectory = Trajectory(t_k, h_k, out, num_steps, states)
+        states = jtu.tree_map(lambda x: x.reshape((-1,) + x.shape[2:]), recs)
+        trajectory = Trajectory(None, None, None, num_steps, states)
     return LoopOutput(ys, result, stats, state, trajectory, ts[-1])
 
 

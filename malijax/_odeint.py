@@ -66,6 +66,8 @@ def _validate(func, y0, ts, args, solver, gradient, rtol, atol, step_size, num_s
     if not leaves:
         raise ValueError("`y0` must contain at least one array.")
     for path, leaf in jtu.tree_leaves_with_path(y0):
+        if isinstance(leaf, float):
+            continue  # a Python float becomes a default-precision array
         if not hasattr(leaf, "dtype") or not jnp.issubdtype(leaf.dtype, jnp.floating):
             dt = getattr(leaf, "dtype", type(leaf).__name__)
             raise TypeError(
@@ -163,7 +165,10 @@ def solve(
     ts, adaptive = _validate(
         func, y0, ts, args, solver, gradient, rtol, atol, step_size, num_steps, max_steps
     )
-    y0 = jtu.tree_map(jnp.asarray, y0)
+    y0 = jtu.tree_map(
+        lambda x: jnp.asarray(x, jnp.result_type(float)) if isinstance(x, float) else jnp.asarray(x),
+        y0,
+    )
     ts = jnp.asarray(ts)
     ts = ts.astype(time_dtype(ts.dtype, y0))
     _check_func(func, y0, ts[0], args)

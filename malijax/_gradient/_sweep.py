@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 
-from .._loop import LoopOutput, Problem, integrate
+from .._loop import LoopOutput, Problem, grid_step, integrate
 
 
 def _zeros_like(tree):
@@ -89,7 +89,10 @@ def reverse_sweep(strategy, diff, config, traj, final_state, ct_ys):
 
     def step_back(k, carry):
         x1, ct_x1, ct_func, ct_args, ct_t1, ct_ts = carry
-        t, h, out = traj.ts[k], traj.hs[k], traj.out[k]
+        if grid:
+            t, h, out = grid_step(ts, n_per, k)
+        else:
+            t, h, out = traj.ts[k], traj.hs[k], traj.out[k]
         _, pull_y = jax.vjp(lambda x: strategy.carry_y(solver, x), x1)
         (ct_y1,) = pull_y(_output_cotangent(ct_ys, out))
         ct_x1 = _add(ct_x1, ct_y1)
@@ -122,12 +125,16 @@ def reverse_sweep(strategy, diff, config, traj, final_state, ct_ys):
         jnp.zeros_like(ts),
     )
     if grid:
-        num = traj.ts.shape[0]
+        num = n_per * (num_out - 1)
 
-        def scan_body(c, k):
-            return step_back(k, c), None
+        def scan_body(c, _):
+            k, inner = c
+            return (k - 1, step_back(k, inner)), None
 
-        carry, _ = jax.lax.scan(scan_body, carry, jnp.arange(num - 1, -1, -1))
+        # A carried counter, not `xs=arange(num)`: memory must not grow with the steps.
+        (_, carry), _ = jax.lax.scan(
+            scan_body, (jnp.asarray(num - 1, jnp.int32), carry), None, length=num
+        )
     else:
 
         def while_body(c):

@@ -31,7 +31,10 @@ class ALF(AbstractReversibleSolver):
         the forward stable but the inverse amplifies rounding by `1/|1 - 2η|` per
         step (η = 0.9 loses every float64 digit after about 165 steps), so MALI
         gradients with `eta < 1` are only reverse-accurate over a few steps.
-        `eta = 0.5` has no inverse.
+        `eta = 0.5` has no inverse. Under adaptive stepping the error estimate sees the
+        growing parasitic mode, and shrinking the step does not slow it: on long,
+        dissipative horizons the solve can stall (e.g. Van der Pol, T = 10, rtol 1e-6
+        runs out of 300k steps at t ≈ 8), so prefer short horizons or `num_steps`.
 
     ??? cite "Reference"
         Zhuang, Dvornek, Tatikonda & Duncan, "MALI: A memory efficient and reverse

@@ -19,7 +19,8 @@ class ReversibleHeun(AbstractReversibleSolver):
 
     !!! warning
         Same linear stability as ALF with η = 1: stable only for `hλ` on the segment
-        `i(-1, 1)`; the parasitic mode grows like `exp(|λ| T)` on dissipative problems.
+        `i(-1, 1)`; the parasitic mode grows like `exp(|λ| T)` on dissipative problems,
+        and adaptive solves over long dissipative horizons can stall (see `ALF`).
 
     ??? cite "Reference"
         Kidger, Foster, Li & Lyons, "Efficient and accurate gradients for neural SDEs",

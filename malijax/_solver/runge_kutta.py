@@ -213,8 +213,8 @@ Dopri5 = _rk_class(
     _dopri5,
     5,
     5,
-    "Dormand--Prince 5(4) with Shampine's embedded weights (as torchdiffeq, diffrax and "
-    "scipy's RK45), FSAL: 6 evaluations per step.",
+    "Dormand--Prince 5(4) with Shampine's embedded weights (as torchdiffeq and diffrax; "
+    "scipy's RK45 and TorchDiffEqPack use the 1980 pair), FSAL: 6 evaluations per step.",
 )
 Tsit5 = _rk_class(
     "Tsit5", _tsit5, 5, 5, "Tsitouras 5(4), FSAL: 6 evaluations per step."

@@ -1,0 +1,265 @@
+"""Gradient strategies: exact for the computed discretisation, composable, cheap."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import jax.tree_util as jtu
+import numpy as np
+import pytest
+
+import malijax as mj
+from helpers import MLPField, name
+
+TS = jnp.array([0.0, 0.4, 1.0])
+Y0 = jnp.array([0.3, -0.5, 0.8])
+
+# (solver, strategy) pairs whose gradient must equal Direct's through the same steps.
+EXACT_PAIRS = [
+    (mj.ALF(), mj.MALI()),
+    (mj.ReversibleHeun(), mj.MALI()),
+    (mj.ALF(), mj.ACA()),
+    (mj.ReversibleHeun(), mj.ACA()),
+    (mj.Euler(), mj.ACA()),
+    (mj.Midpoint(), mj.ACA()),
+    (mj.Heun(), mj.ACA()),
+    (mj.RK4(), mj.ACA()),
+    (mj.Bosh3(), mj.ACA()),
+    (mj.Dopri5(), mj.ACA()),
+    (mj.Tsit5(), mj.ACA()),
+]
+GRIDS = {
+    "num_steps": dict(num_steps=6),
+    "adaptive": dict(rtol=1e-3, atol=1e-6, max_steps=128),
+}
+
+
+def _flat(tree):
+    return jnp.concatenate([jnp.ravel(x) for x in jtu.tree_leaves(tree)])
+
+
+def _rel(a, b):
+    a, b = _flat(a), _flat(b)
+    return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+
+
+def _loss(params, ts, solver, gradient, grid):
+    field, y0, scale = params
+    ys = mj.odeint(
+        lambda t, y, a: a * field(t, y, None), y0, ts, scale,
+        solver=solver, gradient=gradient, **grid,
+    )
+    return jnp.sum(jnp.sin(ys[1:]) * jnp.arange(1.0, 4.0)[None])
+
+
+@pytest.fixture(scope="module")
+def params():
+    return (MLPField(3, 8, jr.PRNGKey(0)), Y0, jnp.array(1.3))
+
+
+# Every pair on the fixed grid; the adaptive grid for one pair per strategy and solver
+# family in the default suite and the rest under `-m slow` (compile time dominates).
+ADAPTIVE_DEFAULT = {("ALF", "MALI"), ("ReversibleHeun", "MALI"), ("Dopri5", "ACA"), ("Bosh3", "ACA")}
+CASES = [pytest.param(s, g, "num_steps", id=f"{name(s)}-{name(g)}-num_steps") for s, g in EXACT_PAIRS]
+CASES += [
+    pytest.param(s, g, "adaptive", id=f"{name(s)}-{name(g)}-adaptive",
+                 marks=() if (name(s), name(g)) in ADAPTIVE_DEFAULT else pytest.mark.slow)
+    for s, g in EXACT_PAIRS
+    if s.error_order is not None
+]
+
+
+@pytest.mark.parametrize("solver,strategy,grid", CASES)
+def test_equals_direct(solver, strategy, grid, params):
+    """Gradients w.r.t. an eqx.Module's weights, y0, args and ts, two output times."""
+    kw = GRIDS[grid]
+    grad = jax.grad(_loss, argnums=(0, 1))
+    got = grad(params, TS, solver, strategy, kw)
+    want = grad(params, TS, solver, mj.Direct(), kw)
+    assert _rel(got, want) <= 1e-10
+    assert float(jnp.max(jnp.abs(got[1]))) > 0  # ts gradients are not silently zero
+
+
+@pytest.mark.parametrize("solver,strategy", [(mj.ALF(), mj.MALI()), (mj.Tsit5(), mj.ACA())],
+                         ids=lambda x: name(x))
+def test_decreasing_time_step_size_equals_direct(solver, strategy, params):
+    ts = jnp.array([1.0, 0.3, -0.5])
+    kw = dict(step_size=0.13, max_steps=32)
+    grad = jax.grad(_loss, argnums=(0, 1))
+    assert _rel(grad(params, ts, solver, strategy, kw), grad(params, ts, solver, mj.Direct(), kw)) <= 1e-10
+
+
+@pytest.mark.parametrize("strategy", [mj.MALI(), mj.ACA()], ids=name)
+def test_pytree_state_equals_direct(strategy):
+    def f(t, y, a):
+        return {"q": y["p"], "p": (-a * jnp.sin(y["q"][0]), jnp.cos(t) * y["p"][1])}
+
+    y0 = {"q": (jnp.array([0.4, 0.1]),), "p": (jnp.array([0.0, 0.3]), jnp.array(0.7))}
+    ts = jnp.array([0.0, 0.7, 1.5])
+
+    def loss(y0, a, gradient):
+        ys = mj.odeint(lambda t, y, a: {"q": (y["p"][0],), "p": (-a * jnp.sin(y["q"][0]), jnp.cos(t) * y["p"][1])},
+                       y0, ts, a, solver=mj.ALF(), gradient=gradient, num_steps=5)
+        return sum(jnp.sum(x[1:] ** 2) for x in jtu.tree_leaves(ys))
+
+    del f
+    got = jax.grad(loss, argnums=(0, 1))(y0, 2.0, strategy)
+    want = jax.grad(loss, argnums=(0, 1))(y0, 2.0, mj.Direct())
+    assert _rel(got, want) <= 1e-10
+
+
+def _alf_matrix(w, eta):
+    """One ALF step on z' = kz in the scaled variables (z, h v) (ALGORITHMS.md §1.5)."""
+    return jnp.array([[1 + eta * w, (2 - 2 * eta + eta * w) / 2], [2 * eta * w, 1 - 2 * eta + eta * w]])
+
+
+@pytest.mark.parametrize("eta", [1.0, 0.8])
+def test_mali_matches_closed_form_alf_oracle(eta):
+    """z_N = [M(hk, η)^N (1, hk)ᵀ z0]_0, so ∂z_N/∂k and ∂z_N/∂z0 are closed-form."""
+    n, t1, z0 = 12, 1.5, 0.7
+
+    def oracle(k, z0):
+        w = k * t1 / n
+        return (jnp.linalg.matrix_power(_alf_matrix(w, eta), n) @ jnp.array([1.0, w]))[0] * z0
+
+    def mali(k, z0):
+        return mj.odeint(lambda t, z, k: k * z, z0, jnp.array([0.0, t1]), k,
+                         solver=mj.ALF(eta=eta), gradient=mj.MALI(), num_steps=n)[-1]
+
+    k = jnp.array(-0.8)
+    assert abs(float(mali(k, z0)) - float(oracle(k, z0))) <= 1e-13
+    got = jax.grad(mali, argnums=(0, 1))(k, jnp.array(z0))
+    want = jax.grad(oracle, argnums=(0, 1))(k, jnp.array(z0))
+    np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-12)
+
+
+@pytest.mark.parametrize("strategy", [mj.MALI(), mj.ACA()], ids=name)
+def test_closed_form_continuous_gradients(strategy):
+    """z' = α cos(t) z: ∂z(t1)/∂α, ∂z(t1)/∂t1 and ∂z(t1)/∂t0 to discretisation accuracy."""
+    alpha, t0, t1, z0 = 0.9, 0.2, 1.7, 1.3
+
+    def z(alpha, t0, t1):
+        return mj.odeint(lambda t, z, a: a * jnp.cos(t) * z, jnp.array(z0),
+                         jnp.stack([t0, t1]), alpha, solver=mj.ALF(), gradient=strategy,
+                         num_steps=400)[-1]
+
+    args = (jnp.array(alpha), jnp.array(t0), jnp.array(t1))
+    zt1 = z0 * np.exp(alpha * (np.sin(t1) - np.sin(t0)))
+    got = np.array(jax.grad(z, argnums=(0, 1, 2))(*args))
+    want = np.array([(np.sin(t1) - np.sin(t0)) * zt1, -alpha * np.cos(t0) * zt1,
+                     alpha * np.cos(t1) * zt1])
+    np.testing.assert_allclose(got, want, rtol=2e-5)  # O(h^2) with h = 1.5/400
+
+
+@pytest.mark.parametrize("strategy,reverse_over_reverse", [
+    (mj.MALI(), False), (mj.ACA(), False),
+    pytest.param(mj.MALI(), True, marks=pytest.mark.slow),
+    pytest.param(mj.ACA(), True, marks=pytest.mark.slow),
+], ids=["MALI-hessian", "ACA-hessian", "MALI-rev-rev", "ACA-rev-rev"])
+def test_second_derivatives_equal_direct(strategy, reverse_over_reverse):
+    def loss(y0, a, gradient):
+        ys = mj.odeint(lambda t, y, a: a * jnp.tanh(y[::-1]) - 0.3 * y, y0, TS, a,
+                       solver=mj.ALF(), gradient=gradient, num_steps=5)
+        return jnp.sum(ys[1:] ** 2)
+
+    y0 = jnp.array([0.5, -0.2])
+    if reverse_over_reverse:
+        h2 = jax.jacrev(jax.jacrev(loss, argnums=(0, 1)), argnums=(0, 1))
+    else:  # jax.hessian: forward-over-reverse
+        h2 = jax.hessian(loss, argnums=(0, 1))
+    assert _rel(h2(y0, 1.3, strategy), h2(y0, 1.3, mj.Direct())) <= 1e-10
+
+
+@pytest.mark.parametrize("strategy", [mj.MALI(), pytest.param(mj.ACA(), marks=pytest.mark.slow)],
+                         ids=name)
+def test_vmap_and_grad_compose(strategy):
+    field = MLPField(2, 8, jr.PRNGKey(1))
+    y0s = jr.normal(jr.PRNGKey(2), (3, 2))
+
+    def loss(field, y0, gradient):
+        return jnp.sum(mj.odeint(field, y0, TS, solver=mj.ALF(), gradient=gradient,
+                                 rtol=1e-3, atol=1e-6, max_steps=128)[-1] ** 2)
+
+    per_example = jax.vmap(eqx.filter_grad(loss), in_axes=(None, 0, None))
+    batched = eqx.filter_grad(lambda f, y, g: jnp.sum(jax.vmap(loss, in_axes=(None, 0, None))(f, y, g)))
+    want = [eqx.filter_grad(loss)(field, y0s[i], mj.Direct()) for i in range(3)]
+    got_per = per_example(field, y0s, strategy)
+    for i in range(3):
+        assert _rel(jtu.tree_map(lambda x: x[i], got_per), want[i]) <= 1e-10
+    summed = jtu.tree_map(lambda *x: sum(x), *want)
+    assert _rel(batched(field, y0s, strategy), summed) <= 1e-10
+    # vmap over parameters
+    scales = jnp.array([0.5, 1.0, 2.0])
+    grad_k = jax.vmap(jax.grad(lambda k, g: jnp.sum(mj.odeint(
+        lambda t, y, k: -k * y, Y0, TS, k, solver=mj.ALF(), gradient=g, num_steps=8)[-1])), (0, None))
+    assert _rel(grad_k(scales, strategy), grad_k(scales, mj.Direct())) <= 1e-10
+
+
+def test_closed_over_arrays_get_gradients():
+    def loss(w, gradient):
+        return jnp.sum(mj.odeint(lambda t, y, a: jnp.tanh(w @ y), Y0, TS, solver=mj.ALF(),
+                                 gradient=gradient, num_steps=4)[-1])
+
+    w = jr.normal(jr.PRNGKey(3), (3, 3))
+    got, want = jax.grad(loss)(w, mj.MALI()), jax.grad(loss)(w, mj.Direct())
+    assert float(jnp.max(jnp.abs(want))) > 0.1
+    assert _rel(got, want) <= 1e-10
+
+
+def test_mali_backward_costs_one_vjp_per_step():
+    """Forward: v0 + N steps; backward: N fused VJPs + the VJP through v0 = f(t0, z0)."""
+    count = [0]
+
+    def f(t, y, a):
+        jax.debug.callback(lambda: count.__setitem__(0, count[0] + 1))
+        return a * jnp.tanh(y) - 0.3 * y
+
+    n_per, n_out = 10, 2
+    grad = jax.jit(jax.grad(lambda y0: jnp.sum(mj.odeint(
+        f, y0, TS, 1.3, solver=mj.ALF(), gradient=mj.MALI(), num_steps=n_per) ** 2)))
+    grad(Y0).block_until_ready()
+    count[0] = 0
+    grad(Y0).block_until_ready()
+    jax.effects_barrier()
+    n = n_per * n_out
+    assert count[0] == (1 + n) + (n + 1)
+
+
+def _temp_bytes(strategy, solver, n):
+    field = MLPField(16, 32, jr.PRNGKey(0))
+    dynamic, static = eqx.partition(field, eqx.is_array)
+
+    def loss(d):
+        ys = mj.odeint(eqx.combine(d, static), jnp.ones(16), jnp.array([0.0, 1.0]),
+                       solver=solver, gradient=strategy, num_steps=n)
+        return jnp.sum(ys[-1] ** 2)
+
+    compiled = jax.jit(jax.grad(loss)).lower(dynamic).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_memory():
+    state_bytes = 16 * 8
+    mali = {n: _temp_bytes(mj.MALI(), mj.ALF(), n) for n in (16, 1024)}
+    assert mali[1024] <= 1.1 * mali[16], mali  # constant in N (measured: equal)
+    aca = {n: _temp_bytes(mj.ACA(), mj.Dopri5(), n) for n in (16, 1024)}
+    per_step = (aca[1024] - aca[16]) / (1024 - 16)
+    # one stored state per step (plus the (t, h, out) scalars), no activations
+    assert state_bytes <= per_step <= 2 * state_bytes + 3 * 8, (aca, per_step)
+    direct = _temp_bytes(mj.Direct(), mj.Dopri5(), 1024)
+    assert direct > 3 * aca[1024], (direct, aca)
+
+
+def test_strategy_solver_mismatch_raises_at_trace_time():
+    with pytest.raises(TypeError, match="ALF"):
+        mj.odeint(lambda t, y, a: -y, Y0, TS, solver=mj.Dopri5(), gradient=mj.MALI())
+    with pytest.raises(ValueError, match="eta"):
+        mj.odeint(lambda t, y, a: -y, Y0, TS, solver=mj.ALF(eta=0.5), gradient=mj.MALI(), num_steps=2)
+
+
+def test_default_gradient():
+    from malijax._odeint import _default_gradient
+
+    assert isinstance(_default_gradient(mj.ALF()), mj.MALI)
+    assert isinstance(_default_gradient(mj.ReversibleHeun()), mj.MALI)
+    assert isinstance(_default_gradient(mj.Dopri5()), mj.ACA)
