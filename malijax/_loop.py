@@ -97,8 +97,12 @@ def _ts_ok(ts):
     return ok, direction
 
 
-def integrate(problem, config, *, kind="lax", record=None):
-    """Solve `problem`; `record` is None, "grid" ((t_k, h_k) only) or "states"."""
+def integrate(problem, config, *, kind="lax", record=None, checkpoints=None):
+    """Solve `problem`; `record` is None, "grid" ((t_k, h_k) only) or "states".
+
+    `kind="checkpointed"` (with `checkpoints`, None for one per step) runs even a
+    `num_steps` grid in the while loop, so that it is reverse-differentiated with
+    online binomial checkpointing."""
     func, y0, ts, args = problem.func, problem.y0, problem.ts, problem.args
     solver = config.solver
     dtype = ts.dtype
@@ -111,9 +115,11 @@ def integrate(problem, config, *, kind="lax", record=None):
     result0 = RESULTS.where(
         tree_all_finite(state0) | ~ts_ok, result0, RESULTS.nonfinite_state
     )
-    if num_out == 1 or config.controller is None:
+    if num_out == 1 or (config.controller is None and kind != "checkpointed"):
         return _integrate_grid(problem, config, state0, result0, direction, record)
-    return _integrate_while(problem, config, state0, result0, direction, kind, record)
+    return _integrate_while(
+        problem, config, state0, result0, direction, kind, record, checkpoints
+    )
 
 
 def _integrate_grid(problem, config, state0, result0, direction, record):
@@ -190,16 +196,23 @@ def _write(buffer, index, value, pred):
     return jtu.tree_map(lambda v, b: b.at[index].set(v, pred=pred), value, buffer)
 
 
-def _integrate_while(problem, config, state0, result0, direction, kind, record):
-    """Adaptive steps or `step_size`: one while loop bounded by `max_steps`."""
+def _integrate_while(problem, config, state0, result0, direction, kind, record, checkpoints):
+    """Adaptive steps or `step_size` (or, for checkpointing, a `num_steps` grid): one
+    while loop bounded by `max_steps`."""
     func, y0, ts, args = problem.func, problem.y0, problem.ts, problem.args
     solver, controller, max_steps = config.solver, config.controller, config.max_steps
     dtype = ts.dtype
     eps = jnp.finfo(dtype).eps
     num_out = ts.shape[0]
     adaptive = isinstance(controller, PIController)
+    grid = controller is None
+    if grid:
+        max_steps = config.num_steps * (num_out - 1)  # exactly the grid's steps
 
-    if adaptive:
+    if grid:
+        h0 = jnp.zeros((), dtype)
+        init_fevals = solver.fevals_init
+    elif adaptive:
         h0 = controller.initial_step(func, solver, ts[0], y0, args, direction, dtype)
         init_fevals = solver.fevals_init + 2
     else:
@@ -223,12 +236,17 @@ def _integrate_while(problem, config, state0, result0, direction, kind, record):
 
     def body(c):
         t_target = ts[c.j]
-        remaining = t_target - c.t
-        h_try = direction * c.h
-        tiny = 100 * eps * jnp.maximum(jnp.abs(t_target), jnp.abs(c.t))
-        reach = jnp.abs(remaining) <= jnp.abs(h_try) + tiny
-        zero = remaining == 0  # only when all of ts are equal: the identity
-        h = jnp.where(reach, remaining, h_try)
+        if grid:  # the same (t_k, h_k) as the scan over a num_steps grid
+            t_k, h, out = grid_step(ts, config.num_steps, c.num_steps)
+            c = eqx.tree_at(lambda c: c.t, c, t_k)
+            reach, zero = out >= 0, jnp.array(False)
+        else:
+            remaining = t_target - c.t
+            h_try = direction * c.h
+            tiny = 100 * eps * jnp.maximum(jnp.abs(t_target), jnp.abs(c.t))
+            reach = jnp.abs(remaining) <= jnp.abs(h_try) + tiny
+            zero = remaining == 0  # only when all of ts are equal: the identity
+            h = jnp.where(reach, remaining, h_try)
         state1, error = solver.step(func, c.t, h, c.state, args)
         finite = tree_all_finite(state1)
         if adaptive:
@@ -296,6 +314,7 @@ def _integrate_while(problem, config, state0, result0, direction, kind, record):
         max_steps=max_steps,
         buffers=lambda c: (c.ys, c.rec),
         kind=kind,
+        **({"checkpoints": checkpoints} if kind == "checkpointed" else {}),
     )
     result = RESULTS.where(
         (c.j < num_out) & (c.result == RESULTS.successful),

@@ -53,8 +53,11 @@ def rms_norm(tree, dtype):
 
 
 def time_dtype(ts_dtype, y0):
-    """Times are kept in at least the precision of the state (DESIGN.md §2)."""
-    return ft.reduce(jnp.promote_types, [x.dtype for x in jtu.tree_leaves(y0)], ts_dtype)
+    """Times are kept in at least the precision of the state (DESIGN.md §2): the most
+    precise floating dtype among `ts` and the leaves of `y0`. (Chosen explicitly:
+    `jnp.promote_types` refuses float32/float64 under strict promotion.)"""
+    dtypes = [jnp.dtype(ts_dtype)] + [jnp.dtype(x.dtype) for x in jtu.tree_leaves(y0)]
+    return max(dtypes, key=lambda d: (jnp.finfo(d).bits, jnp.finfo(d).nmant))
 
 
 def stop_gradient_tree(tree):

@@ -27,6 +27,17 @@ EXACT_PAIRS = [
     (mj.Bosh3(), mj.ACA()),
     (mj.Dopri5(), mj.ACA()),
     (mj.Tsit5(), mj.ACA()),
+    (mj.Euler(), mj.SymplecticAdjoint()),
+    (mj.Midpoint(), mj.SymplecticAdjoint()),  # b_1 = 0
+    (mj.Heun(), mj.SymplecticAdjoint()),
+    (mj.RK4(), mj.SymplecticAdjoint()),
+    (mj.Bosh3(), mj.SymplecticAdjoint()),  # FSAL stage dropped
+    (mj.Dopri5(), mj.SymplecticAdjoint()),  # b_2 = 0, FSAL stage dropped
+    (mj.Tsit5(), mj.SymplecticAdjoint()),
+    (mj.ALF(), mj.ANODE()),
+    (mj.Dopri5(), mj.ANODE()),
+    (mj.ALF(), mj.ANODE(checkpoints=3)),
+    (mj.Dopri5(), mj.ANODE(checkpoints=3)),
 ]
 GRIDS = {
     "num_steps": dict(num_steps=6),
@@ -59,7 +70,8 @@ def params():
 
 # Every pair on the fixed grid; the adaptive grid for one pair per strategy and solver
 # family in the default suite and the rest under `-m slow` (compile time dominates).
-ADAPTIVE_DEFAULT = {("ALF", "MALI"), ("ReversibleHeun", "MALI"), ("Dopri5", "ACA"), ("Bosh3", "ACA")}
+ADAPTIVE_DEFAULT = {("ALF", "MALI"), ("ReversibleHeun", "MALI"), ("Dopri5", "ACA"), ("Bosh3", "ACA"),
+                    ("Tsit5", "SymplecticAdjoint"), ("Dopri5", "ANODE")}
 CASES = [pytest.param(s, g, "num_steps", id=f"{name(s)}-{name(g)}-num_steps") for s, g in EXACT_PAIRS]
 CASES += [
     pytest.param(s, g, "adaptive", id=f"{name(s)}-{name(g)}-adaptive",
@@ -69,13 +81,22 @@ CASES += [
 ]
 
 
+_DIRECT_CACHE = {}
+
+
+def _direct_grad(params, solver, grid):
+    """Direct's gradient, computed once per (solver, grid): compile time dominates."""
+    key = (name(solver), grid)
+    if key not in _DIRECT_CACHE:
+        _DIRECT_CACHE[key] = jax.grad(_loss, argnums=(0, 1))(params, TS, solver, mj.Direct(), GRIDS[grid])
+    return _DIRECT_CACHE[key]
+
+
 @pytest.mark.parametrize("solver,strategy,grid", CASES)
 def test_equals_direct(solver, strategy, grid, params):
     """Gradients w.r.t. an eqx.Module's weights, y0, args and ts, two output times."""
-    kw = GRIDS[grid]
-    grad = jax.grad(_loss, argnums=(0, 1))
-    got = grad(params, TS, solver, strategy, kw)
-    want = grad(params, TS, solver, mj.Direct(), kw)
+    got = jax.grad(_loss, argnums=(0, 1))(params, TS, solver, strategy, GRIDS[grid])
+    want = _direct_grad(params, solver, grid)
     assert _rel(got, want) <= 1e-10
     assert float(jnp.max(jnp.abs(got[1]))) > 0  # ts gradients are not silently zero
 
@@ -250,9 +271,25 @@ def test_memory():
     assert direct > 3 * aca[1024], (direct, aca)
 
 
+@pytest.mark.slow
+def test_memory_symplectic_and_anode():
+    state_bytes = 16 * 8
+    symplectic = {n: _temp_bytes(mj.SymplecticAdjoint(), mj.Dopri5(), n) for n in (16, 1024)}
+    per_step = (symplectic[1024] - symplectic[16]) / (1024 - 16)
+    assert state_bytes <= per_step <= 2 * state_bytes + 3 * 8, (symplectic, per_step)
+    # binomial checkpointing: flat in N, and far below a checkpoint per step at large N
+    anode = {c: _temp_bytes(mj.ANODE(checkpoints=c), mj.Dopri5(), 1024) for c in (None, 8)}
+    assert anode[8] <= 1.1 * _temp_bytes(mj.ANODE(checkpoints=8), mj.Dopri5(), 16), anode
+    assert anode[8] < anode[None] / 5, anode
+
+
 def test_strategy_solver_mismatch_raises_at_trace_time():
     with pytest.raises(TypeError, match="ALF"):
         mj.odeint(lambda t, y, a: -y, Y0, TS, solver=mj.Dopri5(), gradient=mj.MALI())
+    with pytest.raises(TypeError, match="Runge--Kutta"):
+        mj.odeint(lambda t, y, a: -y, Y0, TS, solver=mj.ALF(), gradient=mj.SymplecticAdjoint())
+    with pytest.raises(ValueError, match="checkpoints"):
+        mj.ANODE(checkpoints=0)
     with pytest.raises(ValueError, match="eta"):
         mj.odeint(lambda t, y, a: -y, Y0, TS, solver=mj.ALF(eta=0.5), gradient=mj.MALI(), num_steps=2)
 

@@ -1,4 +1,6 @@
 from .aca import ACA as ACA
+from .anode import ANODE as ANODE
 from .base import AbstractGradient as AbstractGradient
 from .direct import Direct as Direct
 from .mali import MALI as MALI
+from .symplectic import SymplecticAdjoint as SymplecticAdjoint

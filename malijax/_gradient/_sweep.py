@@ -82,10 +82,11 @@ def _solve_bwd(residuals, grad_obj, perturbed, diff, config, strategy):
 def reverse_sweep(strategy, diff, config, traj, final_state, ct_ys):
     y0, func, args, ts = diff
     solver = config.solver
-    grid = config.controller is None  # a num_steps grid (scan) rather than a while loop
-    n_per = config.num_steps if grid else None
-    x_final = strategy.final_carry(solver, final_state)
     num_out = ts.shape[0]
+    # A num_steps grid (scan) rather than a while loop; one output time takes no steps.
+    grid = config.controller is None or num_out == 1
+    n_per = config.num_steps if num_out > 1 and grid else 0
+    x_final = strategy.final_carry(solver, final_state)
 
     def step_back(k, carry):
         x1, ct_x1, ct_func, ct_args, ct_t1, ct_ts = carry
@@ -124,7 +125,9 @@ def reverse_sweep(strategy, diff, config, traj, final_state, ct_ys):
         jnp.zeros((), ts.dtype),
         jnp.zeros_like(ts),
     )
-    if grid:
+    if grid and num_out == 1:
+        pass  # no steps: only the initial map below
+    elif grid:
         num = n_per * (num_out - 1)
 
         def scan_body(c, _):
