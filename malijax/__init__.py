@@ -6,6 +6,7 @@ import importlib.metadata
 from ._errors import SolveError as SolveError
 from ._gradient import AbstractGradient as AbstractGradient
 from ._gradient import ACA as ACA
+from ._gradient import Adjoint as Adjoint
 from ._gradient import ANODE as ANODE
 from ._gradient import Direct as Direct
 from ._gradient import MALI as MALI

@@ -36,6 +36,9 @@ class PIController(eqx.Module):
 
     rtol: float
     atol: float
+    # Optional: which part of the state the error norm sees (e.g. the continuous
+    # adjoint's seminorm drops the parameter quadratures). Applied to y and the error.
+    select: object = eqx.field(default=None, static=True)
     pcoeff: float = 0.0
     icoeff: float = 1.0
     safety: float = 0.9
@@ -46,10 +49,11 @@ class PIController(eqx.Module):
         """Hairer's starting step size (ALGORITHMS.md §9.3); costs 2 evaluations."""
         t0, y0, args = stop_gradient_tree((t0, y0, args))
         q = solver.error_order
-        scale = jtu.tree_map(lambda y: self.atol + self.rtol * jnp.abs(y), y0)
+        part = self.select or (lambda tree: tree)
+        scale = jtu.tree_map(lambda y: self.atol + self.rtol * jnp.abs(y), part(y0))
 
         def ratio(tree):
-            return rms_norm(jtu.tree_map(lambda x, s: x / s, tree, scale), dtype)
+            return rms_norm(jtu.tree_map(lambda x, s: x / s, part(tree), scale), dtype)
 
         f0 = func(t0, y0, args)
         d0, d1 = ratio(y0), ratio(f0)
@@ -68,6 +72,8 @@ class PIController(eqx.Module):
     def adapt(self, y0, y1, error, h, prev_ratio, rejected_before, finite, q, dtype):
         """Returns `(accept, h_next, ratio_to_carry)`; `h` is the magnitude just tried."""
         y0, y1, error = stop_gradient_tree((y0, y1, error))
+        if self.select is not None:
+            y0, y1, error = self.select(y0), self.select(y1), self.select(error)
         scale = _error_scale(self.atol, self.rtol, y0, y1)
         r = rms_norm(jtu.tree_map(lambda e, s: e / s, error, scale), dtype)
         r = jnp.where(finite & jnp.isfinite(r), r, jnp.inf)

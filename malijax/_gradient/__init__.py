@@ -1,4 +1,5 @@
 from .aca import ACA as ACA
+from .adjoint import Adjoint as Adjoint
 from .anode import ANODE as ANODE
 from .base import AbstractGradient as AbstractGradient
 from .direct import Direct as Direct

@@ -1,0 +1,158 @@
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+
+from .._controller import ConstantStepSize, PIController
+from .._errors import error_if_failed
+from .._loop import Config, LoopOutput, Problem, integrate
+from .._solution import RESULTS
+from ._sweep import _add, _zeros_like
+from .base import AbstractGradient
+
+
+class Adjoint(AbstractGradient):
+    r"""The continuous adjoint method (Chen, Rubanova, Bettencourt & Duvenaud 2018).
+
+    The forward stores only the outputs. The backward integrates, over each output
+    interval from `ts[i]` back to `ts[i-1]`, the augmented system
+
+        z' = f(t, z),   a' = -Jᵀa,   a_θ' = -f_θᵀa,   a_t' = -f_tᵀa,
+
+    from `z(ts[i]) = ys[i]` (reset to the stored forward value at every output), adding
+    `∂L/∂ys[i]` to `a` at each output time. Memory is constant in the number of steps,
+    but the gradient is only as accurate as the two solves' tolerances: it is not the
+    gradient of the computed discretisation, and the backward reconstruction of `z` can
+    be unstable when the forward dynamics contract. Gradients w.r.t. `ts` use the
+    continuous-time formula `∂L/∂ts[i] = <f(ts[i], ys[i]), ∂L/∂ys[i]>` (plus `a_t` at
+    `ts[0]`).
+
+    **Arguments:**
+
+    - `rtol`, `atol`: tolerances of the backward solve (default: the forward's).
+    - `solver`: solver of the backward solve (default: the forward's).
+    - `seminorm`: if True (default) the backward's error control ignores the parameter
+      and time quadratures `a_θ`, `a_t`, which never feed back into the dynamics
+      (Kidger, Chen & Lyons 2021); far fewer steps for the same `z`, `a` accuracy.
+    - `max_steps`: bound on each interval's backward solve (default: the forward's).
+
+    With fixed steps (`step_size`, `num_steps`) the backward uses the same grid settings.
+
+    ??? cite "References"
+        Chen, Rubanova, Bettencourt & Duvenaud, "Neural ordinary differential
+        equations", NeurIPS 2018. Kidger, Chen & Lyons, "'Hey, that's not an ODE':
+        faster ODE adjoints via seminorms", ICML 2021.
+    """
+
+    rtol: float | None = None
+    atol: float | None = None
+    solver: object = None
+    seminorm: bool = True
+    max_steps: int | None = None
+
+    def apply(self, problem, config):
+        func = eqx.filter_closure_convert(problem.func, problem.ts[0], problem.y0, problem.args)
+        diff = (problem.y0, func, problem.args, problem.ts)
+        ys, result, stats = _solve(diff, config, self)
+        return LoopOutput(ys, result, stats, None, None, problem.ts[-1])
+
+    def backward_config(self, config):
+        controller = config.controller
+        if isinstance(controller, PIController):
+            controller = PIController(
+                rtol=controller.rtol if self.rtol is None else self.rtol,
+                atol=controller.atol if self.atol is None else self.atol,
+                select=(lambda s: (s[0], s[1])) if self.seminorm else None,
+            )
+        return Config(
+            solver=config.solver if self.solver is None else self.solver,
+            controller=controller,
+            num_steps=config.num_steps,
+            max_steps=config.max_steps if self.max_steps is None else self.max_steps,
+            throw=config.throw,
+        )
+
+
+def _forward(diff, config):
+    y0, func, args, ts = diff
+    return integrate(Problem(func, y0, ts, args), config, kind="lax", record=None)
+
+
+@eqx.filter_custom_vjp
+def _solve(diff, config, strategy):
+    out = _forward(diff, config)
+    return out.ys, out.result, out.stats
+
+
+@_solve.def_fwd
+def _solve_fwd(perturbed, diff, config, strategy):
+    del perturbed, strategy
+    out = _forward(diff, config)
+    return (out.ys, out.result, out.stats), out.ys
+
+
+def _dot(a, b, dtype):
+    return sum(
+        (jnp.sum(x * y).astype(dtype) for x, y in zip(jtu.tree_leaves(a), jtu.tree_leaves(b))),
+        jnp.zeros((), dtype),
+    )
+
+
+@_solve.def_bwd
+def _solve_bwd(ys, grad_obj, perturbed, diff, config, strategy):
+    del perturbed
+    y0, func, args, ts = diff
+    ct_ys = grad_obj[0]
+    ct_ys = jtu.tree_map(lambda c, y: jnp.zeros_like(y) if c is None else c, ct_ys, ys,
+                         is_leaf=lambda x: x is None) if ct_ys is not None else _zeros_like(ys)
+    bconfig = strategy.backward_config(config)
+    dtype = ts.dtype
+
+    def augmented(t, state, _):
+        z, a, _, _, _ = state
+
+        def f(t, z, func, args):
+            return func(t, z, args)
+
+        fz, pull = eqx.filter_vjp(f, t, z, func, args)
+        g_t, g_z, g_func, g_args = pull(a)
+        g_t = jnp.zeros_like(t) if g_t is None else g_t
+        neg = lambda tree: jtu.tree_map(lambda x: -x, tree)  # noqa: E731
+        return (fz, neg(g_z), neg(g_func), neg(g_args), -g_t)
+
+    def interval(carry, i):
+        a, a_func, a_args, a_t, ct_ts, result, n_steps = carry
+        z_i = jtu.tree_map(lambda y: y[i], ys)
+        ct_i = jtu.tree_map(lambda c: c[i], ct_ys)
+        g_i = _dot(func(ts[i], z_i, args), ct_i, dtype)  # ∂L/∂ts[i], continuous time
+        ct_ts = ct_ts.at[i].add(g_i)
+        a = _add(a, ct_i)
+        state = (z_i, a, a_func, a_args, a_t - g_i)
+        out = integrate(Problem(augmented, state, jnp.stack([ts[i], ts[i - 1]]), None),
+                        bconfig, kind="lax")
+        _, a, a_func, a_args, a_t = jtu.tree_map(lambda x: x[-1], out.ys)
+        result = RESULTS.where(result == RESULTS.successful, out.result, result)
+        return (a, a_func, a_args, a_t, ct_ts, result, n_steps + out.stats["num_steps"]), None
+
+    num_out = ts.shape[0]
+    carry = (
+        _zeros_like(y0),
+        _zeros_like(func),
+        _zeros_like(args),
+        jnp.zeros((), dtype),
+        jnp.zeros_like(ts),
+        RESULTS.successful,
+        jnp.zeros((), jnp.int32),
+    )
+    if num_out > 1:
+        carry, _ = jax.lax.scan(interval, carry, jnp.arange(num_out - 1, 0, -1))
+    a, a_func, a_args, a_t, ct_ts, result, n_steps = carry
+    ct_y0 = _add(a, jtu.tree_map(lambda c: c[0], ct_ys))
+    ct_ts = ct_ts.at[0].add(a_t)
+    if config.throw:
+        ct_y0 = error_if_failed(ct_y0, result, ts[0], n_steps, jnp.zeros((), jnp.int32),
+                                ts[0], bconfig.max_steps)
+    return (ct_y0, a_func, a_args, ct_ts)
+
+
+del ConstantStepSize  # fixed grids are passed through unchanged
