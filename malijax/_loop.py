@@ -105,7 +105,6 @@ def integrate(problem, config, *, kind="lax", record=None, checkpoints=None):
     online binomial checkpointing."""
     func, y0, ts, args = problem.func, problem.y0, problem.ts, problem.args
     solver = config.solver
-    dtype = ts.dtype
     num_out = ts.shape[0]
     t0 = ts[0]
 

@@ -2,6 +2,7 @@
 
 import functools as ft
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
@@ -40,6 +41,25 @@ def tree_all_finite(tree):
 
 def tree_where(pred, on_true, on_false):
     return jtu.tree_map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
+
+
+def tree_dot(a, b, dtype):
+    """Σ over leaves of `sum(a * b)`, accumulated in `dtype` (e.g. the time dtype)."""
+    terms = [jnp.sum(x * y).astype(dtype) for x, y in zip(jtu.tree_leaves(a), jtu.tree_leaves(b))]
+    return sum(terms, jnp.zeros((), dtype))
+
+
+def tree_add(a, b):
+    """Leafwise `a + b` where `None` stands for zero (cotangents of non-arrays)."""
+    return jtu.tree_map(
+        lambda x, y: x if y is None else (y if x is None else x + y), a, b,
+        is_leaf=lambda x: x is None,
+    )
+
+
+def tree_zeros_like(tree):
+    """Zeros for every inexact array of `tree`, `None` for everything else."""
+    return jtu.tree_map(lambda x: jnp.zeros_like(x) if eqx.is_inexact_array(x) else None, tree)
 
 
 def rms_norm(tree, dtype):

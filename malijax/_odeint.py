@@ -13,7 +13,7 @@ from ._errors import error_if_failed
 from ._gradient import ACA, MALI, AbstractGradient
 from ._loop import Config, Problem
 from ._misc import time_dtype
-from ._solution import RESULTS, Solution
+from ._solution import Solution
 from ._solver import ALF, AbstractReversibleSolver, AbstractSolver
 
 

@@ -19,20 +19,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 
 from .._loop import LoopOutput, Problem, grid_step, integrate
-
-
-def _zeros_like(tree):
-    return jtu.tree_map(lambda x: jnp.zeros_like(x) if eqx.is_inexact_array(x) else None, tree)
-
-
-def _add(a, b):
-    return jtu.tree_map(lambda x, y: x if y is None else (y if x is None else x + y), a, b,
-                        is_leaf=lambda x: x is None)
-
-
-def _where(pred, a, b):
-    return jtu.tree_map(lambda x, y: None if x is None else jnp.where(pred, x, y), a, b,
-                        is_leaf=lambda x: x is None)
+from .._misc import tree_add, tree_zeros_like
 
 
 def _output_cotangent(ct_ys, out):
@@ -75,7 +62,7 @@ def _solve_bwd(residuals, grad_obj, perturbed, diff, config, strategy):
     ct_ys = jtu.tree_map(
         lambda c, y: jnp.zeros_like(y) if c is None else c, grad_obj[0], diff[0],
         is_leaf=lambda x: x is None,
-    ) if grad_obj[0] is not None else _zeros_like(diff[0])
+    ) if grad_obj[0] is not None else tree_zeros_like(diff[0])
     return reverse_sweep(strategy, diff, config, trajectory, final_state, ct_ys)
 
 
@@ -96,7 +83,7 @@ def reverse_sweep(strategy, diff, config, traj, final_state, ct_ys):
             t, h, out = traj.ts[k], traj.hs[k], traj.out[k]
         _, pull_y = jax.vjp(lambda x: strategy.carry_y(solver, x), x1)
         (ct_y1,) = pull_y(_output_cotangent(ct_ys, out))
-        ct_x1 = _add(ct_x1, ct_y1)
+        ct_x1 = tree_add(ct_x1, ct_y1)
         x0, ct_x0, g_func, g_args, g_t, g_h = strategy.backward_step(
             solver, func, args, traj, k, t, h, x1, ct_x1
         )
@@ -113,15 +100,15 @@ def reverse_sweep(strategy, diff, config, traj, final_state, ct_ys):
             j = jnp.maximum(out, 0)
             ct_ts = ct_ts.at[j].add(jnp.where(ends, ct_t1 + g_h, 0))
             ct_t0 = jnp.where(ends, g_t - g_h, g_t + ct_t1)
-        ct_func = _add(ct_func, g_func)
-        ct_args = _add(ct_args, g_args)
+        ct_func = tree_add(ct_func, g_func)
+        ct_args = tree_add(ct_args, g_args)
         return x0, ct_x0, ct_func, ct_args, ct_t0, ct_ts
 
     carry = (
         x_final,
-        _zeros_like(x_final),
-        _zeros_like(func),
-        _zeros_like(args),
+        tree_zeros_like(x_final),
+        tree_zeros_like(func),
+        tree_zeros_like(args),
         jnp.zeros((), ts.dtype),
         jnp.zeros_like(ts),
     )
@@ -156,10 +143,10 @@ def reverse_sweep(strategy, diff, config, traj, final_state, ct_ys):
 
     _, pull_init = eqx.filter_vjp(init_map, y0, func, args, ts[0])
     ct_y0, g_func, g_args, g_t0 = pull_init(ct_x0)
-    ct_y0 = _add(ct_y0, jtu.tree_map(lambda c: c[0], ct_ys))
+    ct_y0 = tree_add(ct_y0, jtu.tree_map(lambda c: c[0], ct_ys))
     if not grid and num_out > 1:
         # All ts equal: the while loop takes no steps and every output is y0.
         same = ts[-1] == ts[0]
-        ct_y0 = _add(ct_y0, jtu.tree_map(lambda c: jnp.where(same, jnp.sum(c[1:], 0), 0), ct_ys))
+        ct_y0 = tree_add(ct_y0, jtu.tree_map(lambda c: jnp.where(same, jnp.sum(c[1:], 0), 0), ct_ys))
     ct_ts = ct_ts.at[0].add(jnp.zeros_like(ts[0]) if g_t0 is None else g_t0)
-    return (ct_y0, _add(ct_func, g_func), _add(ct_args, g_args), ct_ts)
+    return (ct_y0, tree_add(ct_func, g_func), tree_add(ct_args, g_args), ct_ts)

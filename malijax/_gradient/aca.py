@@ -1,4 +1,5 @@
 import equinox as eqx
+import jax.tree_util as jtu
 
 from ._sweep import solve_with_custom_vjp
 from .base import AbstractGradient
@@ -41,7 +42,7 @@ class ACA(AbstractGradient):
 
     def backward_step(self, solver, func, args, traj, k, t, h, x1, ct_x1):
         del x1
-        c0 = _index(traj.states, k)
+        c0 = jtu.tree_map(lambda x: x[k], traj.states)
 
         def local(c, func, args, t, h):
             state = solver.restore(func, t, c, args)
@@ -52,8 +53,3 @@ class ACA(AbstractGradient):
         ct_c0, g_func, g_args, g_t, g_h = pull(ct_x1)
         return c0, ct_c0, g_func, g_args, g_t, g_h
 
-
-def _index(tree, k):
-    import jax.tree_util as jtu
-
-    return jtu.tree_map(lambda x: x[k], tree)

@@ -3,11 +3,11 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 
-from .._controller import ConstantStepSize, PIController
+from .._controller import PIController
 from .._errors import error_if_failed
 from .._loop import Config, LoopOutput, Problem, integrate
+from .._misc import tree_add, tree_dot, tree_zeros_like
 from .._solution import RESULTS
-from ._sweep import _add, _zeros_like
 from .base import AbstractGradient
 
 
@@ -91,20 +91,13 @@ def _solve_fwd(perturbed, diff, config, strategy):
     return (out.ys, out.result, out.stats), out.ys
 
 
-def _dot(a, b, dtype):
-    return sum(
-        (jnp.sum(x * y).astype(dtype) for x, y in zip(jtu.tree_leaves(a), jtu.tree_leaves(b))),
-        jnp.zeros((), dtype),
-    )
-
-
 @_solve.def_bwd
 def _solve_bwd(ys, grad_obj, perturbed, diff, config, strategy):
     del perturbed
     y0, func, args, ts = diff
     ct_ys = grad_obj[0]
     ct_ys = jtu.tree_map(lambda c, y: jnp.zeros_like(y) if c is None else c, ct_ys, ys,
-                         is_leaf=lambda x: x is None) if ct_ys is not None else _zeros_like(ys)
+                         is_leaf=lambda x: x is None) if ct_ys is not None else tree_zeros_like(ys)
     bconfig = strategy.backward_config(config)
     dtype = ts.dtype
 
@@ -124,9 +117,9 @@ def _solve_bwd(ys, grad_obj, perturbed, diff, config, strategy):
         a, a_func, a_args, a_t, ct_ts, result, n_steps = carry
         z_i = jtu.tree_map(lambda y: y[i], ys)
         ct_i = jtu.tree_map(lambda c: c[i], ct_ys)
-        g_i = _dot(func(ts[i], z_i, args), ct_i, dtype)  # ∂L/∂ts[i], continuous time
+        g_i = tree_dot(func(ts[i], z_i, args), ct_i, dtype)  # ∂L/∂ts[i], continuous time
         ct_ts = ct_ts.at[i].add(g_i)
-        a = _add(a, ct_i)
+        a = tree_add(a, ct_i)
         state = (z_i, a, a_func, a_args, a_t - g_i)
         out = integrate(Problem(augmented, state, jnp.stack([ts[i], ts[i - 1]]), None),
                         bconfig, kind="lax")
@@ -136,9 +129,9 @@ def _solve_bwd(ys, grad_obj, perturbed, diff, config, strategy):
 
     num_out = ts.shape[0]
     carry = (
-        _zeros_like(y0),
-        _zeros_like(func),
-        _zeros_like(args),
+        tree_zeros_like(y0),
+        tree_zeros_like(func),
+        tree_zeros_like(args),
         jnp.zeros((), dtype),
         jnp.zeros_like(ts),
         RESULTS.successful,
@@ -147,12 +140,10 @@ def _solve_bwd(ys, grad_obj, perturbed, diff, config, strategy):
     if num_out > 1:
         carry, _ = jax.lax.scan(interval, carry, jnp.arange(num_out - 1, 0, -1))
     a, a_func, a_args, a_t, ct_ts, result, n_steps = carry
-    ct_y0 = _add(a, jtu.tree_map(lambda c: c[0], ct_ys))
+    ct_y0 = tree_add(a, jtu.tree_map(lambda c: c[0], ct_ys))
     ct_ts = ct_ts.at[0].add(a_t)
     if config.throw:
         ct_y0 = error_if_failed(ct_y0, result, ts[0], n_steps, jnp.zeros((), jnp.int32),
                                 ts[0], bconfig.max_steps)
     return (ct_y0, a_func, a_args, ct_ts)
 
-
-del ConstantStepSize  # fixed grids are passed through unchanged

@@ -2,21 +2,9 @@ import equinox as eqx
 import jax.numpy as jnp
 import jax.tree_util as jtu
 
-from .._misc import tree_lincomb
+from .._misc import tree_add, tree_dot, tree_lincomb
 from .._solver import AbstractRungeKutta
 from .aca import ACA
-
-
-def _dot(a, b, dtype):
-    return sum(
-        (jnp.sum(x * y).astype(dtype) for x, y in zip(jtu.tree_leaves(a), jtu.tree_leaves(b))),
-        jnp.zeros((), dtype),
-    )
-
-
-def _add(a, b):
-    return jtu.tree_map(lambda x, y: x if y is None else (y if x is None else x + y), a, b,
-                        is_leaf=lambda x: x is None)
 
 
 class SymplecticAdjoint(ACA):
@@ -84,23 +72,23 @@ class SymplecticAdjoint(ACA):
         for i in reversed(range(s_used)):
             dk = jtu.tree_map(lambda l: (h * tab.b[i]).astype(l.dtype) * l, lam1)
             if acc[i] is not None:
-                dk = _add(dk, acc[i])
+                dk = tree_add(dk, acc[i])
             k_i, pull = eqx.filter_vjp(f, t + tab.c[i] * h, xs[i], func, args)
             if i == s_used - 1:
                 k_last = k_i  # the one stage value the recompute did not produce
             gt_i, dx_i, gf_i, ga_i = pull(dk)
             gt_i = jnp.zeros((), dtype) if gt_i is None else gt_i
-            lam0 = _add(lam0, dx_i)
-            g_func, g_args = _add(g_func, gf_i), _add(g_args, ga_i)
+            lam0 = tree_add(lam0, dx_i)
+            g_func, g_args = tree_add(g_func, gf_i), tree_add(g_args, ga_i)
             g_t = g_t + gt_i
             g_h = g_h + tab.c[i] * gt_i  # stage time t + c_i h
             if i > 0:  # X_i = y + h Σ_j a_ij k_j
-                g_h = g_h + _dot(dx_i, tree_lincomb(None, jnp.ones((), dtype), tab.a[i - 1], ks), dtype)
+                g_h = g_h + tree_dot(dx_i, tree_lincomb(None, jnp.ones((), dtype), tab.a[i - 1], ks), dtype)
             for j in range(i):
                 if tab.a[i - 1][j] != 0:
                     term = jtu.tree_map(lambda d: (h * tab.a[i - 1][j]).astype(d.dtype) * d, dx_i)
-                    acc[j] = term if acc[j] is None else _add(acc[j], term)
+                    acc[j] = term if acc[j] is None else tree_add(acc[j], term)
         # y1 = y + h Σ_i b_i k_i
         all_k = ks[: s_used - 1] + [k_last]
-        g_h = g_h + _dot(lam1, tree_lincomb(None, jnp.ones((), dtype), tab.b[:s_used], all_k), dtype)
+        g_h = g_h + tree_dot(lam1, tree_lincomb(None, jnp.ones((), dtype), tab.b[:s_used], all_k), dtype)
         return y, lam0, g_func, g_args, g_t, g_h

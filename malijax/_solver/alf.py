@@ -6,6 +6,7 @@ import equinox as eqx
 import jax.numpy as jnp
 import jax.tree_util as jtu
 
+from .._misc import tree_dot
 from .base import AbstractReversibleSolver
 
 
@@ -111,15 +112,9 @@ class ALF(AbstractReversibleSolver):
             lambda gi, ax: (1 - 2 * eta) * gi + half.astype(ax.dtype) * ax, g, a_xm
         )
         g_tm = jnp.zeros_like(t) if g_tm is None else g_tm
-        g_h = 0.5 * (_dot(a_z, v1, h.dtype) + _dot(a_xm, v0, h.dtype) + g_tm)
+        g_h = 0.5 * (tree_dot(a_z, v1, h.dtype) + tree_dot(a_xm, v0, h.dtype) + g_tm)
         return (z0, v0), (a_xm, a_v0), g_func, g_args, g_tm, g_h
 
     def y(self, state):
         return state[0]
-
-
-def _dot(a, b, dtype):
-    leaves = [jnp.sum(x * y).astype(dtype) for x, y in zip(jtu.tree_leaves(a), jtu.tree_leaves(b))]
-    return sum(leaves, jnp.zeros((), dtype))
-
 
