@@ -51,6 +51,8 @@ def tree_dot(a, b, dtype):
 
 def tree_add(a, b):
     """Leafwise `a + b` where `None` stands for zero (cotangents of non-arrays)."""
+    if a is None or b is None:
+        return b if a is None else a
     return jtu.tree_map(
         lambda x, y: x if y is None else (y if x is None else x + y), a, b,
         is_leaf=lambda x: x is None,

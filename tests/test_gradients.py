@@ -227,8 +227,11 @@ def test_closed_over_arrays_get_gradients():
     assert _rel(got, want) <= 1e-10
 
 
-def test_mali_backward_costs_one_vjp_per_step():
-    """Forward: v0 + N steps; backward: N fused VJPs + the VJP through v0 = f(t0, z0)."""
+@pytest.mark.parametrize("solver,extra", [(mj.ALF(), 0), (mj.ReversibleHeun(), 1)], ids=name)
+def test_mali_backward_costs_one_vjp_per_step(solver, extra):
+    """Forward: init + N steps; backward: N fused VJPs + the VJP through the initial
+    evaluation (v0 = f(t0, z0), f̂0 = f(t0, y0)); reversible Heun adds one VJP for its
+    cached f̂_N."""
     count = [0]
 
     def f(t, y, a):
@@ -237,13 +240,13 @@ def test_mali_backward_costs_one_vjp_per_step():
 
     n_per, n_out = 10, 2
     grad = jax.jit(jax.grad(lambda y0: jnp.sum(mj.odeint(
-        f, y0, TS, 1.3, solver=mj.ALF(), gradient=mj.MALI(), num_steps=n_per) ** 2)))
+        f, y0, TS, 1.3, solver=solver, gradient=mj.MALI(), num_steps=n_per) ** 2)))
     grad(Y0).block_until_ready()
     count[0] = 0
     grad(Y0).block_until_ready()
     jax.effects_barrier()
     n = n_per * n_out
-    assert count[0] == (1 + n) + (n + 1)
+    assert count[0] == (1 + n) + (n + 1 + extra)
 
 
 def _temp_bytes(strategy, solver, n):

@@ -5,7 +5,9 @@ The forward map is `y0 -> x_0 -> x_1 -> ... -> x_N`, one solver step per arrow, 
 state for MALI) and the output `ys[j]` is `y(x_{k+1})` for the step `k` that ends on
 `ts[j]`. The sweep walks the recorded steps backwards carrying `(x_{k+1}, ∂L/∂x_{k+1})`;
 a strategy only says how one step is undone (`backward_step`): it returns `x_k`, the
-cotangent of `x_k`, and the cotangents of `func`, `args`, `t_k` and `h_k`.
+cotangent of `x_k` (including the output cotangent attached to `x_k`, which it is given
+with `h_{k-1}` so that a fused step can look one step ahead), and the cotangents of
+`func`, `args`, `t_k` and `h_k`. `prologue` may adjust the final state's cotangent.
 
 Time gradients are exact for the computed discretisation, the same as `Direct`: the
 step sizes chosen by the controller are constants (`stop_gradient`), a step clipped to
@@ -27,6 +29,13 @@ def _output_cotangent(ct_ys, out):
     return jtu.tree_map(
         lambda c: jnp.where(out >= 0, c[jnp.maximum(out, 0)], jnp.zeros_like(c[0])), ct_ys
     )
+
+
+def add_output_cotangent(strategy, solver, x, ct_x, ct_y):
+    """`ct_x + (∂y(x)/∂x)ᵀ ct_y`: an output's cotangent added to a carried value."""
+    _, pull_y = jax.vjp(lambda x: strategy.carry_y(solver, x), x)
+    (ct,) = pull_y(ct_y)
+    return tree_add(ct_x, ct)
 
 
 def solve_with_custom_vjp(strategy, problem, config):
@@ -75,17 +84,22 @@ def reverse_sweep(strategy, diff, config, traj, final_state, ct_ys):
     n_per = config.num_steps if num_out > 1 and grid else 0
     x_final = strategy.final_carry(solver, final_state)
 
+    def step_at(k):
+        """(t_k, h_k, out_k) of recorded step k."""
+        if grid:
+            return grid_step(ts, n_per, k)
+        return traj.ts[k], traj.hs[k], traj.out[k]
+
     def step_back(k, carry):
         x1, ct_x1, ct_func, ct_args, ct_t1, ct_ts = carry
-        if grid:
-            t, h, out = grid_step(ts, n_per, k)
-        else:
-            t, h, out = traj.ts[k], traj.hs[k], traj.out[k]
-        _, pull_y = jax.vjp(lambda x: strategy.carry_y(solver, x), x1)
-        (ct_y1,) = pull_y(_output_cotangent(ct_ys, out))
-        ct_x1 = tree_add(ct_x1, ct_y1)
+        t, h, out = step_at(k)
+        # What the strategy needs about step k - 1: its size, and the output cotangent
+        # attached to x_k (the state step k starts from; ys[0] is handled at the end).
+        _, h_prev, out_prev = step_at(jnp.maximum(k - 1, 0))
+        h_prev = jnp.where(k > 0, h_prev, jnp.zeros_like(h_prev))
+        ct_y0 = _output_cotangent(ct_ys, jnp.where(k > 0, out_prev, -1))
         x0, ct_x0, g_func, g_args, g_t, g_h = strategy.backward_step(
-            solver, func, args, traj, k, t, h, x1, ct_x1
+            solver, func, args, traj, k, t, h, x1, ct_x1, h_prev, ct_y0
         )
         g_t = jnp.zeros_like(t) if g_t is None else g_t
         g_h = jnp.zeros_like(h) if g_h is None else g_h
@@ -104,13 +118,34 @@ def reverse_sweep(strategy, diff, config, traj, final_state, ct_ys):
         ct_args = tree_add(ct_args, g_args)
         return x0, ct_x0, ct_func, ct_args, ct_t0, ct_ts
 
+    # The final state: its output cotangent, then the strategy's prologue (for the
+    # fused reversible Heun, the pull-back through its cached f̂_N).
+    num_steps = n_per * (num_out - 1) if grid else traj.num_steps
+    if grid and num_out == 1:
+        ct_x_final, g_func_n, g_args_n, g_t_n = tree_zeros_like(x_final), None, None, None
+    else:
+        last = jnp.maximum(num_steps - 1, 0)
+        _, h_last, out_last = step_at(last)
+        ct_x_final = add_output_cotangent(
+            strategy, solver, x_final, tree_zeros_like(x_final),
+            _output_cotangent(ct_ys, jnp.where(num_steps > 0, out_last, -1)),
+        )
+        ct_x_final, g_func_n, g_args_n, g_t_n = strategy.prologue(
+            solver, func, args, x_final, ct_x_final, ts[-1], h_last
+        )
+    g_t_n = jnp.zeros((), ts.dtype) if g_t_n is None else g_t_n
+    ct_ts0 = jnp.zeros_like(ts)
+    if grid:  # t_N = ts[-1]; the grid's chain below never reads the carried ∂L/∂t_{k+1}
+        ct_ts0 = ct_ts0.at[-1].add(g_t_n)
+        g_t_n = jnp.zeros_like(g_t_n)
+
     carry = (
         x_final,
-        tree_zeros_like(x_final),
-        tree_zeros_like(func),
-        tree_zeros_like(args),
-        jnp.zeros((), ts.dtype),
-        jnp.zeros_like(ts),
+        ct_x_final,
+        tree_add(tree_zeros_like(func), g_func_n),
+        tree_add(tree_zeros_like(args), g_args_n),
+        g_t_n,  # ∂L/∂t_N so far
+        ct_ts0,
     )
     if grid and num_out == 1:
         pass  # no steps: only the initial map below

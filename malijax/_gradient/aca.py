@@ -1,7 +1,7 @@
 import equinox as eqx
 import jax.tree_util as jtu
 
-from ._sweep import solve_with_custom_vjp
+from ._sweep import add_output_cotangent, solve_with_custom_vjp
 from .base import AbstractGradient
 
 
@@ -40,8 +40,17 @@ class ACA(AbstractGradient):
     def carry_y(self, solver, x):
         return solver.checkpoint_y(x)
 
-    def backward_step(self, solver, func, args, traj, k, t, h, x1, ct_x1):
-        del x1
+    def prologue(self, solver, func, args, x, ct_x, t, h_last):
+        del solver, func, args, x, t, h_last
+        return ct_x, None, None, None
+
+    def backward_step(self, solver, func, args, traj, k, t, h, x1, ct_x1, h_prev, ct_y0):
+        c0, ct_c0, g_func, g_args, g_t, g_h = self.step_vjp(solver, func, args, traj, k, t, h, ct_x1)
+        ct_c0 = add_output_cotangent(self, solver, c0, ct_c0, ct_y0)
+        return c0, ct_c0, g_func, g_args, g_t, g_h
+
+    def step_vjp(self, solver, func, args, traj, k, t, h, ct_x1):
+        """The checkpoint at step k and the VJP of the step from it."""
         c0 = jtu.tree_map(lambda x: x[k], traj.states)
 
         def local(c, func, args, t, h):

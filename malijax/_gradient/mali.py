@@ -8,10 +8,11 @@ class MALI(AbstractGradient):
 
     The forward keeps only the final solver state and the accepted `(t_k, h_k)` (a
     vector of scalars); the backward reconstructs each state with the solver's exact
-    algebraic inverse and takes the step's local VJP. For `ALF` the two are fused:
-    the inverse's evaluation of `func` is the VJP's forward, so the backward costs one
-    VJP of `func` per step (ALGORITHMS.md §2.2). The gradient through `v0 = f(t0, z0)`
-    is included. Memory does not grow with the number of steps, apart from the
+    algebraic inverse and takes the step's local VJP. The two are fused: the
+    inverse's evaluation of `func` is the VJP's forward, so the backward costs one VJP
+    of `func` per step (ALGORITHMS.md §2.2; for `ReversibleHeun` the VJP at `ŷ_k` also
+    serves step `k - 1`, plus one VJP for the final `f̂_N`). The gradient through the
+    initial evaluation (`v0 = f(t0, z0)`) is included. Memory does not grow with the number of steps, apart from the
     `(t_k, h_k)` scalars (sized by `max_steps` under adaptive stepping).
 
     Needs a reversible solver (`ALF` or `ReversibleHeun`). With `ALF(eta < 1)` the
@@ -51,6 +52,9 @@ class MALI(AbstractGradient):
     def carry_y(self, solver, x):
         return solver.y(x)
 
-    def backward_step(self, solver, func, args, traj, k, t, h, x1, ct_x1):
+    def prologue(self, solver, func, args, x, ct_x, t, h_last):
+        return solver.inverse_vjp_prologue(func, t, h_last, x, ct_x, args)
+
+    def backward_step(self, solver, func, args, traj, k, t, h, x1, ct_x1, h_prev, ct_y0):
         del traj, k
-        return solver.inverse_vjp(func, t, h, x1, ct_x1, args)
+        return solver.inverse_vjp(func, t, h, x1, ct_x1, args, h_prev=h_prev, ct_y0=ct_y0)

@@ -41,8 +41,7 @@ class SymplecticAdjoint(ACA):
                 f"{type(solver).__name__} use gradient=mj.MALI(), mj.ACA() or mj.Direct()."
             )
 
-    def backward_step(self, solver, func, args, traj, k, t, h, x1, ct_x1):
-        del x1
+    def step_vjp(self, solver, func, args, traj, k, t, h, ct_x1):
         tab = solver.tableau
         s = tab.num_stages
         dtype = h.dtype

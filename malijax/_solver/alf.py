@@ -85,7 +85,7 @@ class ALF(AbstractReversibleSolver):
         z = jtu.tree_map(lambda a, b: a - (0.5 * h).astype(a.dtype) * b, x_m, v)
         return (z, v)
 
-    def inverse_vjp(self, func, t, h, state1, ct_state1, args):
+    def inverse_vjp(self, func, t, h, state1, ct_state1, args, *, h_prev, ct_y0):
         """Fused inverse and VJP: one VJP of `func` per step (ALGORITHMS.md §2.2).
 
         With cotangents `(a_z, a_v)` on `(z', v')` and `u, J = f, ∂f/∂x` at the
@@ -95,6 +95,7 @@ class ALF(AbstractReversibleSolver):
             ā_z = ā_xm,   ā_v = (1 - 2η) g + (h/2) ā_xm,
             ā_t = f_tᵀw,   ā_h = <a_z, v'>/2 + <ā_xm, v>/2 + f_tᵀw/2.
         """
+        del h_prev
         z1, v1 = state1
         a_z, a_v = ct_state1
         eta = self.eta
@@ -113,7 +114,8 @@ class ALF(AbstractReversibleSolver):
         )
         g_tm = jnp.zeros_like(t) if g_tm is None else g_tm
         g_h = 0.5 * (tree_dot(a_z, v1, h.dtype) + tree_dot(a_xm, v0, h.dtype) + g_tm)
-        return (z0, v0), (a_xm, a_v0), g_func, g_args, g_tm, g_h
+        a_z0 = jtu.tree_map(lambda a, b: a + b, a_xm, ct_y0)  # y = z
+        return (z0, v0), (a_z0, a_v0), g_func, g_args, g_tm, g_h
 
     def y(self, state):
         return state[0]

@@ -10,6 +10,8 @@ import abc
 from typing import ClassVar
 
 import equinox as eqx
+import jax
+import jax.tree_util as jtu
 
 
 class AbstractSolver(eqx.Module):
@@ -64,18 +66,33 @@ class AbstractReversibleSolver(AbstractSolver):
         """The state at `t` from the state at `t + h`: `step(t, h, inverse(t, h, s)) == s`
         up to rounding, with `t` and `h` exactly those the forward step used."""
 
-    def inverse_vjp(self, func, t, h, state1, ct_state1, args):
+    def inverse_vjp(self, func, t, h, state1, ct_state1, args, *, h_prev, ct_y0):
         """Undo one step and pull a cotangent back through it.
 
-        Returns `(state0, ct_state0, ct_func, ct_args, ct_t, ct_h)`, where the
-        cotangents are those of the step's inputs given `ct_state1` on its output.
-        The default reconstructs `state0` with `inverse` and then takes the VJP of
-        `step`; solvers override it to share function evaluations between the two.
+        Returns `(state0, ct_state0, ct_func, ct_args, ct_t, ct_h)`: the cotangents of
+        the step's inputs given `ct_state1` on its output, with `ct_y0` (the cotangent
+        of an output equal to `y(state0)`) added to `ct_state0`. `h_prev` is the size of
+        the step before (0 for the first), for solvers that fuse across steps. The
+        default reconstructs `state0` with `inverse` and then takes the VJP of `step`;
+        solvers override it to share function evaluations between the two.
         """
+        del h_prev
         state0 = self.inverse(func, t, h, state1, args)
 
         def step(state, func, args, t, h):
             return self.step(func, t, h, state, args)[0]
 
         _, pull = eqx.filter_vjp(step, state0, func, args, t, h)
-        return (state0, *pull(ct_state1))
+        ct_state0, *rest = pull(ct_state1)
+        return (state0, self.add_y_cotangent(state0, ct_state0, ct_y0), *rest)
+
+    def inverse_vjp_prologue(self, func, t, h_last, state, ct_state, args):
+        """Adjust the final state's cotangent before the reverse sweep (default: no-op).
+        Returns `(ct_state, ct_func, ct_args, ct_t)`."""
+        del func, t, h_last, state, args
+        return ct_state, None, None, None
+
+    def add_y_cotangent(self, state, ct_state, ct_y):
+        _, pull = jax.vjp(self.y, state)
+        (ct,) = pull(ct_y)
+        return jtu.tree_map(lambda a, b: a + b, ct_state, ct)

@@ -2,7 +2,11 @@
 
 from typing import ClassVar
 
+import equinox as eqx
+import jax.numpy as jnp
 import jax.tree_util as jtu
+
+from .._misc import tree_dot
 
 from .base import AbstractReversibleSolver
 
@@ -57,6 +61,48 @@ class ReversibleHeun(AbstractReversibleSolver):
             lambda a, f0, f1: a - (0.5 * h).astype(a.dtype) * (f0 + f1), y1, fhat, fhat1
         )
         return (y, yhat, fhat)
+
+    def inverse_vjp(self, func, t, h, state1, ct_state1, args, *, h_prev, ct_y0):
+        """Fused inverse and VJP: one VJP of `func` per step.
+
+        The step's only evaluation, `f̂1 = f(t + h, ŷ1)`, is linearised one iteration
+        earlier (or in `inverse_vjp_prologue`), so the carried cotangent of `ŷ1`
+        already includes `J(ŷ1)ᵀ` of the total cotangent of `f̂1`, and that of `f̂1` is
+        zero. This iteration's single VJP, at `(t, ŷ0)`, gives `f̂0` for the
+        reconstruction and pulls back the total cotangent of `f̂0`: from this step
+        (`h a_ŷ1 + (h/2) a_y1`) and from the step before (`(h_prev/2) a_y0`).
+        """
+        y1, yhat1, fhat1 = state1
+        a_y1, a_yhat1, _ = ct_state1
+        yhat0 = jtu.tree_map(lambda a, b, f: 2 * a - b - h.astype(a.dtype) * f, y1, yhat1, fhat1)
+        fhat0, pull = eqx.filter_vjp(lambda t, x, func, args: func(t, x, args), t, yhat0, func, args)
+        y0 = jtu.tree_map(lambda a, f0, f1: a - (0.5 * h).astype(a.dtype) * (f0 + f1), y1, fhat0, fhat1)
+        # Linear part of the step: ŷ1 = 2y - ŷ + h f̂0, y1 = y + (h/2)(f̂0 + f̂1).
+        a_y0 = jtu.tree_map(lambda a, b, c: a + 2 * b + c, a_y1, a_yhat1, ct_y0)
+        a_yhat0 = jtu.tree_map(lambda b: -b, a_yhat1)
+        a_fhat0 = jtu.tree_map(
+            lambda b, a: h.astype(b.dtype) * b + (0.5 * h).astype(a.dtype) * a, a_yhat1, a_y1
+        )
+        g_h = tree_dot(a_yhat1, fhat0, h.dtype) + 0.5 * tree_dot(
+            a_y1, jtu.tree_map(lambda a, b: a + b, fhat0, fhat1), h.dtype
+        )
+        # f̂0 also enters the step before: y0 = y_prev + (h_prev/2)(f̂_prev + f̂0).
+        total = jtu.tree_map(lambda c, a: c + (0.5 * h_prev).astype(a.dtype) * a, a_fhat0, a_y0)
+        g_t, jtw, g_func, g_args = pull(total)
+        a_yhat0 = jtu.tree_map(lambda a, b: a + b, a_yhat0, jtw)
+        zero = jtu.tree_map(jnp.zeros_like, fhat0)
+        # g_t is ∂L/∂t0 through f̂0 = f(t0, ŷ0): the time the step before ended on.
+        return (y0, yhat0, fhat0), (a_y0, a_yhat0, zero), g_func, g_args, g_t, g_h
+
+    def inverse_vjp_prologue(self, func, t, h_last, state, ct_state, args):
+        """Pull the final state's `f̂_N = f(t_N, ŷ_N)` back, as `inverse_vjp` expects."""
+        y, yhat, fhat = state
+        a_y, a_yhat, a_fhat = ct_state
+        _, pull = eqx.filter_vjp(lambda t, x, func, args: func(t, x, args), t, yhat, func, args)
+        total = jtu.tree_map(lambda c, a: c + (0.5 * h_last).astype(a.dtype) * a, a_fhat, a_y)
+        g_t, jtw, g_func, g_args = pull(total)
+        a_yhat = jtu.tree_map(lambda a, b: a + b, a_yhat, jtw)
+        return (a_y, a_yhat, jtu.tree_map(jnp.zeros_like, a_fhat)), g_func, g_args, g_t
 
     def y(self, state):
         return state[0]
