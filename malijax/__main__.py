@@ -105,7 +105,7 @@ def main():
           "strategies: rounding;\nthe continuous Adjoint is only tolerance-accurate). "
           "'vs exact': against the ODE's true gradient\n(the discretisation's error). "
           "steps and NFE: the forward solve. memory: XLA temp bytes of the jitted\n"
-          "gradient; adaptive solves size their buffers by max_steps (shapes are static in JAX).")
+          "gradient; adaptive solves size per-step buffers by max_steps (shapes are static in JAX).")
 
 
 if __name__ == "__main__":
