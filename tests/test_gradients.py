@@ -274,7 +274,6 @@ def test_memory():
     assert direct > 3 * aca[1024], (direct, aca)
 
 
-@pytest.mark.slow
 def test_memory_symplectic_and_anode():
     state_bytes = 16 * 8
     symplectic = {n: _temp_bytes(mj.SymplecticAdjoint(), mj.Dopri5(), n) for n in (16, 1024)}
