@@ -9,6 +9,10 @@ cotangent of `x_k` (including the output cotangent attached to `x_k`, which it i
 with `h_{k-1}` so that a fused step can look one step ahead), and the cotangents of
 `func`, `args`, `t_k` and `h_k`. `prologue` may adjust the final state's cotangent.
 
+Second derivatives: the backward is JVP-able, so `jax.hessian` (forward-over-reverse)
+works everywhere; reverse-over-reverse needs a `num_steps` grid (a `scan` both ways),
+because the adaptive forward is a `lax.while_loop`.
+
 Time gradients are exact for the computed discretisation, the same as `Direct`: the
 step sizes chosen by the controller are constants (`stop_gradient`), a step clipped to
 land on `ts[j]` has `h_k = ts[j] - t_k` and ends at `t_{k+1} = ts[j]`, any other step
