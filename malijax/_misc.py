@@ -64,6 +64,17 @@ def tree_zeros_like(tree):
     return jtu.tree_map(lambda x: jnp.zeros_like(x) if eqx.is_inexact_array(x) else None, tree)
 
 
+def cotangent_or_zeros(ct, like):
+    """The cotangent `ct` of outputs shaped like `like` (arrays or ShapeDtypeStructs),
+    with zeros wherever JAX passed `None` (an output leaf the loss does not use)."""
+    if ct is None:
+        return jtu.tree_map(lambda y: jnp.zeros(y.shape, y.dtype), like)
+    return jtu.tree_map(
+        lambda c, y: jnp.zeros(y.shape, y.dtype) if c is None else c, ct, like,
+        is_leaf=lambda x: x is None,
+    )
+
+
 def rms_norm(tree, dtype):
     """Root mean square over every element of every leaf, computed in `dtype`."""
     leaves = jtu.tree_leaves(tree)

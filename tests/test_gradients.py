@@ -366,3 +366,17 @@ def test_seminorm_takes_fewer_backward_steps():
         jax.effects_barrier()
         nfe[semi] = count[0]
     assert nfe[True] < nfe[False], nfe
+
+
+@pytest.mark.parametrize("strategy", [mj.MALI(), mj.ACA(), mj.Adjoint()], ids=name)
+def test_loss_using_one_leaf_of_a_pytree_state(strategy):
+    """Output leaves the loss ignores reach the backward as `None` cotangents."""
+    def loss(a, gradient):
+        ys = mj.odeint(lambda t, y, a: {"a": -a * y["b"], "b": y["a"]},
+                       {"a": jnp.array([0.3, 0.1]), "b": jnp.array([1.0, -0.5])}, TS, a,
+                       solver=mj.ALF(), gradient=gradient, num_steps=8)
+        return jnp.sum(ys["a"][-1])
+
+    got, want = jax.grad(loss)(1.3, strategy), jax.grad(loss)(1.3, mj.Direct())
+    tol = 1e-4 if isinstance(strategy, mj.Adjoint) else 1e-12
+    assert abs(float(got) - float(want)) <= tol * abs(float(want))

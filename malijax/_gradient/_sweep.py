@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 
 from .._loop import LoopOutput, Problem, grid_step, integrate
-from .._misc import tree_add, tree_zeros_like
+from .._misc import cotangent_or_zeros, tree_add, tree_zeros_like
 
 
 def _output_cotangent(ct_ys, out):
@@ -72,10 +72,9 @@ def _solve_fwd(perturbed, diff, config, strategy):
 def _solve_bwd(residuals, grad_obj, perturbed, diff, config, strategy):
     del perturbed
     trajectory, final_state = residuals
-    ct_ys = jtu.tree_map(
-        lambda c, y: jnp.zeros_like(y) if c is None else c, grad_obj[0], diff[0],
-        is_leaf=lambda x: x is None,
-    ) if grad_obj[0] is not None else tree_zeros_like(diff[0])
+    num_out = diff[3].shape[0]
+    ys_like = jtu.tree_map(lambda y: jax.ShapeDtypeStruct((num_out,) + y.shape, y.dtype), diff[0])
+    ct_ys = cotangent_or_zeros(grad_obj[0], ys_like)
     return reverse_sweep(strategy, diff, config, trajectory, final_state, ct_ys)
 
 

@@ -6,7 +6,7 @@ import jax.tree_util as jtu
 from .._controller import PIController
 from .._errors import error_if_failed
 from .._loop import Config, LoopOutput, Problem, integrate
-from .._misc import tree_add, tree_dot, tree_zeros_like
+from .._misc import cotangent_or_zeros, tree_add, tree_dot, tree_zeros_like
 from .._solution import RESULTS
 from .base import AbstractGradient
 
@@ -95,9 +95,7 @@ def _solve_fwd(perturbed, diff, config, strategy):
 def _solve_bwd(ys, grad_obj, perturbed, diff, config, strategy):
     del perturbed
     y0, func, args, ts = diff
-    ct_ys = grad_obj[0]
-    ct_ys = jtu.tree_map(lambda c, y: jnp.zeros_like(y) if c is None else c, ct_ys, ys,
-                         is_leaf=lambda x: x is None) if ct_ys is not None else tree_zeros_like(ys)
+    ct_ys = cotangent_or_zeros(grad_obj[0], ys)
     bconfig = strategy.backward_config(config)
     dtype = ts.dtype
 
