@@ -33,3 +33,6 @@ try:
     __version__ = importlib.metadata.version("malijax")
 except importlib.metadata.PackageNotFoundError:  # pragma: no cover - source checkout
     __version__ = "0.0.0"
+
+from . import compat as compat  # noqa: E402 - after the names it builds on
+from . import nn as nn  # noqa: E402

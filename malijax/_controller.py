@@ -44,6 +44,8 @@ class PIController(eqx.Module):
     safety: float = 0.9
     factor_min: float = 0.2
     factor_max: float = 10.0
+    # The largest step magnitude allowed (`hmax` of jax.experimental.ode.odeint).
+    max_step: float = float("inf")
 
     def initial_step(self, func, solver, t0, y0, args, direction, dtype):
         """Hairer's starting step size (ALGORITHMS.md §9.3); costs 2 evaluations."""
@@ -67,7 +69,8 @@ class PIController(eqx.Module):
             jnp.maximum(1e-6, h0 * 1e-3),
             (0.01 / jnp.maximum(dmax, 1e-15)) ** (1.0 / q),
         )
-        return jax.lax.stop_gradient(jnp.minimum(100 * h0, h1).astype(dtype))
+        h = jnp.minimum(jnp.minimum(100 * h0, h1), self.max_step)
+        return jax.lax.stop_gradient(h.astype(dtype))
 
     def adapt(self, y0, y1, error, h, prev_ratio, rejected_before, finite, q, dtype):
         """Returns `(accept, h_next, ratio_to_carry)`; `h` is the magnitude just tried."""
@@ -91,7 +94,8 @@ class PIController(eqx.Module):
         shrink = jnp.where(jnp.isfinite(r), shrink, self.factor_min)
         factor = jnp.where(accept, grow, shrink)
         new_prev = jnp.where(accept, safe_r, prev_ratio)
-        return accept, jax.lax.stop_gradient(h * factor), new_prev
+        h_next = jnp.minimum(h * factor, self.max_step)
+        return accept, jax.lax.stop_gradient(h_next), new_prev
 
 
 class ConstantStepSize(eqx.Module):

@@ -6,6 +6,7 @@ message is formatted inside the callback from run-time values.
 
 import functools as ft
 
+import equinox.internal as eqxi
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -45,48 +46,53 @@ def _message(code, t, n_steps, n_rejected, t_target, max_steps):
 
 
 def _raise_if_failed(code, t, n_steps, n_rejected, t_target, *, max_steps):
-    code, t, n_steps, n_rejected, t_target = map(
-        np.asarray, (code, t, n_steps, n_rejected, t_target)
-    )
-    failed = np.flatnonzero(code.reshape(-1) != RESULTS.successful._value)
-    if failed.size:
-        i = failed[0]
-        values = (code, t, n_steps, n_rejected, t_target)
-        flat = [np.broadcast_to(a, code.shape).reshape(-1)[i].item() for a in values]
-        msg = _message(*flat, max_steps)
-        if code.size > 1:
-            msg = f"(batch element {i} of {code.size}) " + msg
-        raise SolveError(msg)
+    code = int(np.asarray(code))
+    if code != RESULTS.successful._value:
+        values = (float(np.asarray(t)), int(np.asarray(n_steps)), int(np.asarray(n_rejected)),
+                  float(np.asarray(t_target)))
+        raise SolveError(_message(code, *values, max_steps))
 
 
 def error_if_failed(x, result, t, n_steps, n_rejected, t_target, max_steps):
     """Returns `x`, raising `SolveError` at run time if `result` is not successful.
 
-    The check only runs on failure (a `lax.cond`), and there the output is produced by
-    the callback itself, so XLA cannot remove the check as dead code. Under `vmap` the
-    callback sees the whole batch and reports the first failed element."""
-    return _checked(x, result._value, t, n_steps, n_rejected, t_target, max_steps)
+    How, and why this way:
 
+    - Under `vmap` the diagnostics are first reduced over the batch (equinox's
+      `unvmap_max`): the failure with the largest result code and, among those, the
+      one with the most accepted steps is reported. The reductions make the `lax.cond`
+      predicate unbatched, so the check costs nothing unless something failed.
+    - The host callback is a `jax.debug.callback` (an effect, never removed as dead
+      code) with `partitioned=True`: on a batch sharded over devices every device runs
+      it on the same, already reduced, diagnostics and every device raises together.
+      A callback on one device only (`pure_callback`) raises there while the others
+      wait forever in the program's next collective.
+    - `x` passes through untouched, so it keeps its sharding.
+    """
+    code = result._value
+    t, t_target = jax.lax.stop_gradient((t, t_target))  # diagnostics only
+    failed = code != RESULTS.successful._value
+    worst = eqxi.unvmap_max(jnp.where(failed, code, 0))
+    chosen = failed & (code == worst)
+    steps = eqxi.unvmap_max(jnp.where(chosen, n_steps, -1))
+    chosen = chosen & (n_steps == steps)
 
-@ft.partial(jax.custom_jvp, nondiff_argnums=(6,))
-def _checked(x, code, t, n_steps, n_rejected, t_target, max_steps):
-    struct = jax.eval_shape(lambda: x)
+    def pick(a, fill):
+        a = jnp.asarray(a)
+        return eqxi.unvmap_max(jnp.where(chosen, a, jnp.asarray(fill, a.dtype)))
 
-    def raise_and_return(x, *info):
-        _raise_if_failed(*info, max_steps=max_steps)
-        return x  # unreachable unless nothing failed (vmap: another element did)
+    info = (
+        worst,
+        pick(t, -jnp.inf),
+        steps,
+        pick(n_rejected, -1),
+        pick(t_target, -jnp.inf),
+    )
 
-    def on_failure():
-        return jax.pure_callback(
-            raise_and_return, struct, x, code, t, n_steps, n_rejected, t_target,
-            vmap_method="broadcast_all",
+    def report(info):
+        jax.debug.callback(
+            ft.partial(_raise_if_failed, max_steps=max_steps), *info, partitioned=True
         )
 
-    failed = jnp.any(code != RESULTS.successful._value)
-    return jax.lax.cond(failed, on_failure, lambda: x)
-
-
-@_checked.defjvp
-def _checked_jvp(max_steps, primals, tangents):
-    # The check is an identity on values: tangents pass straight through.
-    return _checked(*primals, max_steps), tangents[0]
+    jax.lax.cond(worst != RESULTS.successful._value, report, lambda info: None, info)
+    return x

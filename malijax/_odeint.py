@@ -160,6 +160,16 @@ def solve(
 
     Takes the same arguments as [`malijax.odeint`][], which documents them.
     """
+    return run(
+        func, y0, ts, args, solver=solver, gradient=gradient, rtol=rtol, atol=atol,
+        step_size=step_size, num_steps=num_steps, max_steps=max_steps, throw=throw,
+    )
+
+
+def run(func, y0, ts, args, *, solver, gradient, rtol, atol, step_size, num_steps, max_steps,
+        throw, max_step=float("inf")):
+    """`solve`, plus controller options kept out of the public signature (`max_step`:
+    the largest adaptive step, used by `malijax.compat.odeint`'s `hmax`)."""
     if solver is None:
         solver = ALF()
     ts, adaptive = _validate(
@@ -179,7 +189,7 @@ def solve(
     elif step_size is not None:
         controller = ConstantStepSize(step_size)
     else:
-        controller = PIController(rtol=rtol, atol=atol)
+        controller = PIController(rtol=rtol, atol=atol, max_step=max_step)
     config = Config(
         solver=solver,
         controller=controller,
