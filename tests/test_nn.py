@@ -33,8 +33,12 @@ def load_example(name):
         (mj.MALI(), mj.ALF(), dict(num_steps=8)),
         (mj.ACA(), mj.Dopri5(), dict(rtol=1e-7, atol=1e-9)),
         (mj.Adjoint(rtol=1e-8, atol=1e-10), mj.Tsit5(), dict(num_steps=8)),
+        (mj.Direct(), mj.RK4(), dict(num_steps=8)),
+        (mj.ANODE(checkpoints=3), mj.Heun(), dict(num_steps=8)),
+        (mj.SymplecticAdjoint(), mj.Tsit5(), dict(num_steps=8)),
     ],
-    ids=["MALI-ALF-grid", "ACA-Dopri5-adaptive", "Adjoint-Tsit5"],
+    ids=["MALI-ALF-grid", "ACA-Dopri5-adaptive", "Adjoint-Tsit5", "Direct-RK4", "ANODE-Heun",
+         "Symplectic-Tsit5"],
 )
 def test_neural_ode_gradients_equal_odeint(gradient, solver, kw, getkey):
     """The layer is `odeint(vf, y0, [t0, t1])[-1]`: same values and same gradients for the

@@ -1,0 +1,32 @@
+"""Every accuracy notebook executes headless in its fast mode (MALIJAX_NOTEBOOK_FAST=1)."""
+
+from pathlib import Path
+
+import pytest
+
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+NAMES = [
+    "reverse_accuracy",
+    "gradient_accuracy",
+    "memory_and_speed",
+    "time_series",
+    "density_estimation",
+    "three_body",
+]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_notebook_executes_in_fast_mode(name, monkeypatch, tmp_path):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    path = NOTEBOOKS / f"{name}.ipynb"
+    assert path.exists(), f"missing notebook {path}"
+    notebook = nbformat.read(path, as_version=4)
+    monkeypatch.setenv("MALIJAX_NOTEBOOK_FAST", "1")
+    client = nbclient.NotebookClient(
+        notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    )
+    client.execute()  # raises CellExecutionError on the first failing cell
+    errors = [o for c in notebook.cells if c.cell_type == "code" for o in c.get("outputs", [])
+              if o.get("output_type") == "error"]
+    assert not errors
