@@ -241,7 +241,10 @@ def odeint(
       (adaptive and `step_size` solves). It sizes the buffers strategies record into.
     - `throw`: if `True` (default) a failed solve raises an error that says what
       happened, where and what to try; if `False` it never raises: inspect
-      `solve(...).result`. Unreached outputs are NaN.
+      `solve(...).result`. Unreached outputs are NaN. Under `vmap` one failing element
+      is reported; on a batch sharded over devices (`jit` with a `NamedSharding`) every
+      device raises together. Inside `shard_map`, where devices could disagree about
+      failing, pass `throw=False` and check `result` instead.
 
     **Returns:** a pytree like `y0` whose leaves have a leading axis of `len(ts)`;
     `ys[0]` is `y0`.
