@@ -3,13 +3,19 @@
 import math
 
 import jax.numpy as jnp
+import jax.tree_util as jtu
 
-from ._gradient import ACA
+from ._gradient import ACA, ANODE
 from ._odeint import run
 from ._solver import Dopri5
 
 # `mxstep=inf` still needs a static bound: the while loop and ACA's checkpoints are sized by it.
 _MAX_STEPS_FOR_INF = 16_384
+# ACA stores one state per step in buffers sized by `max_steps`. Past this many bytes the
+# gradient is taken by binomial checkpointing instead: the same (exact) gradient, in memory
+# of a few states, for some recomputation.
+_ACA_MEMORY_LIMIT = 64 * 2**20
+_CHECKPOINTS = 32
 
 
 def odeint(func, y0, t, *args, rtol=1.4e-8, atol=1.4e-8, mxstep=math.inf, hmax=math.inf):
@@ -22,14 +28,19 @@ def odeint(func, y0, t, *args, rtol=1.4e-8, atol=1.4e-8, mxstep=math.inf, hmax=m
 
     - hitting `mxstep` or a non-finite state raises an error that says where (t and
       step counts) and what to try, instead of returning garbage;
-    - gradients are those of the computed solution (ACA, exact for the
-      discretisation), not of a continuous adjoint solved to tolerance;
+    - gradients are those of the computed solution (exact for the discretisation),
+      not of a continuous adjoint solved to tolerance;
     - `t` may also be decreasing, and `y0` any pytree of floating arrays.
 
     `mxstep` bounds the accepted plus rejected steps per output interval, as in JAX;
     malijax enforces it as a total of `mxstep·(len(t) − 1)` over the solve, since
     its buffers need one static size (with `mxstep=inf`, 16384 steps in all).
     `hmax` caps the step size. `*args` are passed to `func` and receive gradients.
+
+    Gradients use ACA (one stored state per step) when its buffers, sized by the
+    static step bound, take at most 64 MiB (`max_steps · size of y0`); beyond that
+    `ANODE(checkpoints=32)` (binomial checkpointing: 32 stored states, steps recomputed
+    about `log N / log 32` times). Both give the same gradient.
     """
     t = jnp.asarray(t)
     intervals = max(t.shape[0] - 1, 1) if t.ndim == 1 else 1
@@ -45,8 +56,13 @@ def odeint(func, y0, t, *args, rtol=1.4e-8, atol=1.4e-8, mxstep=math.inf, hmax=m
     def vector_field(t, y, args):
         return func(y, t, *args)
 
+    state_bytes = sum(jnp.size(y) * jnp.result_type(y).itemsize for y in jtu.tree_leaves(y0))
+    if max_steps * state_bytes <= _ACA_MEMORY_LIMIT:
+        gradient = ACA()
+    else:
+        gradient = ANODE(checkpoints=_CHECKPOINTS)
     solution = run(
-        vector_field, y0, t, args, solver=Dopri5(), gradient=ACA(), rtol=rtol, atol=atol,
+        vector_field, y0, t, args, solver=Dopri5(), gradient=gradient, rtol=rtol, atol=atol,
         step_size=None, num_steps=None, max_steps=max_steps, throw=True, max_step=hmax,
     )
     return solution.ys
