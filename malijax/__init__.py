@@ -3,6 +3,7 @@ the Neural-ODE literature under one `odeint`."""
 
 import importlib.metadata
 
+from ._errors import ReconstructionWarning as ReconstructionWarning
 from ._errors import SolveError as SolveError
 from ._gradient import AbstractGradient as AbstractGradient
 from ._gradient import ACA as ACA

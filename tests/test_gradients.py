@@ -1,5 +1,8 @@
 """Gradient strategies: exact for the computed discretisation, composable, cheap."""
 
+import math
+import warnings
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -380,3 +383,53 @@ def test_loss_using_one_leaf_of_a_pytree_state(strategy):
     got, want = jax.grad(loss)(1.3, strategy), jax.grad(loss)(1.3, mj.Direct())
     tol = 1e-4 if isinstance(strategy, mj.Adjoint) else 1e-12
     assert abs(float(got) - float(want)) <= tol * abs(float(want))
+
+
+def _reconstruction_warnings(fn):
+    """`fn()`'s value and the `ReconstructionWarning`s its run issued."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = jax.block_until_ready(fn())
+        jax.effects_barrier()  # the warning comes from a host callback
+    return out, [w for w in caught if issubclass(w.category, mj.ReconstructionWarning)]
+
+
+def _contracting_grad(gradient, horizon, scale=1.0):
+    """z' = diag(-0.5, -5) z with ALF, h = 0.01: undamped ALF's parasitic mode grows like
+    exp(5 T), so MALI's rebuilt states lose digits as the horizon grows."""
+    def loss(z0, k):
+        ys = mj.odeint(lambda t, z, k: k * jnp.array([-0.5, -5.0]) * z, z0,
+                       jnp.array([0.0, horizon]), k, solver=mj.ALF(), gradient=gradient,
+                       step_size=0.01, max_steps=1000)
+        return jnp.sum(ys[-1] ** 2)
+
+    return jax.jit(jax.grad(loss, argnums=(0, 1)))(jnp.array([1.0, 1.0]), jnp.asarray(scale))
+
+
+def test_mali_warns_when_its_reconstruction_is_inaccurate():
+    direct = _contracting_grad(mj.Direct(), 4.0)
+    got, caught = _reconstruction_warnings(lambda: _contracting_grad(mj.MALI(), 4.0))
+    assert _rel(got, direct) > 1e-4  # the warning is warranted (measured: 3.5e-3)
+    assert len(caught) == 1, caught
+    assert "relative error of 5" in str(caught[0].message)  # rebuilt z0 off by ~5e-5
+    assert "gradient=mj.ACA()" in str(caught[0].message)
+    # A short horizon rebuilds z0 to rounding and stays silent.
+    got, caught = _reconstruction_warnings(lambda: _contracting_grad(mj.MALI(), 1.0))
+    assert _rel(got, _contracting_grad(mj.Direct(), 1.0)) <= 1e-12 and not caught
+    # The tolerance is the user's to set, or to switch off.
+    for gradient in (mj.MALI(reconstruction_rtol=1e-3), mj.MALI(reconstruction_rtol=math.inf)):
+        _, caught = _reconstruction_warnings(lambda: _contracting_grad(gradient, 4.0))
+        assert not caught
+    with pytest.raises(ValueError, match="reconstruction_rtol"):
+        mj.MALI(reconstruction_rtol=0.0)
+
+
+def test_mali_reconstruction_warning_reports_the_worst_element_of_a_batch():
+    # Per-element rate scales 0.25 and 1: only the second element's reconstruction fails.
+    def batch():
+        return jax.vmap(lambda s: _contracting_grad(mj.MALI(), 4.0, s))(jnp.array([0.25, 1.0]))
+
+    got, caught = _reconstruction_warnings(batch)
+    assert len(caught) == 1 and "relative error of 5" in str(caught[0].message), caught
+    good = _contracting_grad(mj.Direct(), 4.0, 0.25)
+    assert _rel(jtu.tree_map(lambda g: g[0], got), good) <= 1e-12

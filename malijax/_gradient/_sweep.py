@@ -172,14 +172,15 @@ def reverse_sweep(strategy, diff, config, traj, final_state, ct_ys):
         _, carry = jax.lax.while_loop(
             lambda c: c[0] >= 0, while_body, (traj.num_steps - 1, carry)
         )
-    _, ct_x0, ct_func, ct_args, ct_t0, ct_ts = carry
+    x0_rebuilt, ct_x0, ct_func, ct_args, ct_t0, ct_ts = carry
     ct_ts = ct_ts.at[0].add(ct_t0)
 
     # Through x_0 = to_carry(init(func, t0, y0, args)) (for ALF: v0 = f(t0, z0)).
     def init_map(y0, func, args, t0):
         return strategy.initial_carry(solver, solver.init(func, t0, y0, args))
 
-    _, pull_init = eqx.filter_vjp(init_map, y0, func, args, ts[0])
+    x0, pull_init = eqx.filter_vjp(init_map, y0, func, args, ts[0])
+    strategy.check_reconstruction(x0_rebuilt, x0)
     ct_y0, g_func, g_args, g_t0 = pull_init(ct_x0)
     ct_y0 = tree_add(ct_y0, jtu.tree_map(lambda c: c[0], ct_ys))
     if not grid and num_out > 1:

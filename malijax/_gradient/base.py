@@ -18,6 +18,12 @@ class AbstractGradient(eqx.Module):
         `solver` under `config`. The default accepts everything."""
         del solver, config
 
+    def check_reconstruction(self, rebuilt, original) -> None:
+        """Called by the reverse sweep with the initial carry it rebuilt and the one the
+        forward started from. Strategies that rebuild states (`MALI`) compare them; the
+        others stored it, and do nothing."""
+        del rebuilt, original
+
     @abc.abstractmethod
     def apply(self, problem, config):
         """Run the forward solve; returns `malijax._loop.LoopOutput`."""

@@ -1,3 +1,10 @@
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+from .._errors import warn_if_inexact_reconstruction
 from .._solver import AbstractReversibleSolver
 from ._sweep import solve_with_custom_vjp
 from .base import AbstractGradient
@@ -19,12 +26,37 @@ class MALI(AbstractGradient):
     inverse amplifies rounding by `1/|1 - 2η|` per step: gradients lose about
     `log10(1/|1-2η|)` digits per step (see `ALF`).
 
+    The inverse is checked where it can be: the sweep ends on a rebuilt initial state,
+    which is compared with the one the forward started from. Where they differ by more
+    than `reconstruction_rtol` (relative to the state's largest entry; default `√ε` of
+    its dtype: 1.5e-8 in float64, 3.5e-4 in float32), a `malijax.ReconstructionWarning`
+    is issued at run time: the rebuilt states, and so the gradient, are inaccurate
+    (strongly contracting dynamics, long horizons, `eta < 1`; on `z' = diag(-0.5, -5) z`
+    with `h = 0.01`, a rebuilt-state error of 5e-5 at `T = 4` came with a gradient
+    error of 3.5e-3).
+    `reconstruction_rtol=math.inf` turns the check off.
+
     ??? cite "Reference"
         Zhuang, Dvornek, Tatikonda & Duncan, "MALI: A memory efficient and reverse
         accurate integrator for Neural ODEs", ICLR 2021.
     """
 
+    reconstruction_rtol: float | None = eqx.field(default=None, static=True)
+
     record = "grid"
+
+    def check_reconstruction(self, rebuilt, original):
+        rtol = self.reconstruction_rtol
+        if rtol is None:
+            dtypes = [x.dtype for x in jax.tree_util.tree_leaves(original) if eqx.is_inexact_array(x)]
+            rtol = math.sqrt(float(jnp.finfo(jnp.result_type(*dtypes)).eps)) if dtypes else math.inf
+        if rtol < math.inf:
+            warn_if_inexact_reconstruction(rebuilt, original, rtol)
+
+    def __check_init__(self):
+        rtol = self.reconstruction_rtol
+        if rtol is not None and not (isinstance(rtol, (int, float)) and rtol > 0):
+            raise ValueError(f"MALI(reconstruction_rtol=...) must be None or > 0, got {rtol!r}.")
 
     def check(self, solver, config):
         del config
