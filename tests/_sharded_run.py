@@ -7,6 +7,7 @@ the sharded and the single-device values and gradients, and the output's shardin
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 assert "--xla_force_host_platform_device_count=8" in os.environ.get("XLA_FLAGS", "")
@@ -75,6 +76,21 @@ def main():
         out["error"] = None
     except Exception as e:  # noqa: BLE001
         out["error"] = str(e)
+    # MALI's reconstruction check: one element's rebuilt state is off (z' = diag(-0.5, -5) z,
+    # ALF h = 0.01, T = 4); the warning arrives, and the gradient stays sharded.
+    def contracting(scale):
+        ys = mj.odeint(lambda t, z, k: k * jnp.array([-0.5, -5.0]) * z, jnp.ones(2),
+                       jnp.array([0.0, 4.0]), scale, solver=mj.ALF(), gradient=mj.MALI(),
+                       step_size=0.01, max_steps=1000)
+        return jnp.sum(ys[-1] ** 2)
+
+    scales = jax.device_put(jnp.full(16, 0.25).at[11].set(1.0), batch)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        g = jax.jit(jax.vmap(jax.grad(contracting)))(scales).block_until_ready()
+        jax.effects_barrier()
+    messages = [str(w.message) for w in caught if issubclass(w.category, mj.ReconstructionWarning)]
+    out["reconstruction"] = {"messages": messages, "spec": str(g.sharding.spec)}
     # The data-parallel example trains.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
     import data_parallel

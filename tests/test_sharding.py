@@ -45,3 +45,10 @@ def test_data_parallel_example_trains(sharded):
     ex = sharded["example"]
     assert ex["last_loss"] < 0.5 * ex["first_loss"], ex
     assert ex["spec"] == "P('batch',)"
+
+
+def test_sharded_mali_reconstruction_warning(sharded):
+    # Every device reports the batch's worst element (the same message from each).
+    r = sharded["reconstruction"]
+    assert r["messages"] and all("relative error of 5" in m for m in r["messages"]), r
+    assert len(set(r["messages"])) == 1 and r["spec"] == "P('batch',)", r
