@@ -98,13 +98,20 @@ def error_if_failed(x, result, t, n_steps, n_rejected, t_target, max_steps):
         pick(t_target, -jnp.inf),
     )
 
-    def report(info):
-        jax.debug.callback(
-            ft.partial(_raise_if_failed, max_steps=max_steps), *info, partitioned=True
-        )
-
-    jax.lax.cond(worst != RESULTS.successful._value, report, lambda info: None, info)
+    _on_host_if(worst != RESULTS.successful._value,
+                ft.partial(_raise_if_failed, max_steps=max_steps), *info)
     return x
+
+
+def _on_host_if(pred, fn, *info):
+    """Call `fn(*info)` on the host if the unbatched `pred` holds: a `jax.debug.callback`
+    (an effect, never removed as dead code) that every device of a sharded program runs
+    together (`partitioned=True`), under a `lax.cond` that costs nothing otherwise."""
+
+    def report(info):
+        jax.debug.callback(fn, *info, partitioned=True)
+
+    jax.lax.cond(pred, report, lambda info: None, info)
 
 
 def _warn_reconstruction(error, *, rtol):
@@ -122,9 +129,10 @@ def _warn_reconstruction(error, *, rtol):
     )
 
 
-def warn_if_inexact_reconstruction(rebuilt, original, rtol):
+def warn_if_inexact_reconstruction(rebuilt, original, rtol=None):
     """Warn at run time (`ReconstructionWarning`) if `rebuilt` differs from `original`
-    by more than `rtol`, relative to the largest entry of `original`.
+    by more than `rtol` (default `√ε` of their dtype), relative to the largest entry of
+    `original`.
 
     Reduced and reported like `error_if_failed`: under `vmap` the worst element; on a
     sharded batch every device warns with the same message (Python shows it once).
@@ -137,12 +145,10 @@ def warn_if_inexact_reconstruction(rebuilt, original, rtol):
         return
     pairs = jax.lax.stop_gradient(pairs)  # diagnostics only
     dtype = jnp.result_type(*[b.dtype for _, b in pairs])
+    if rtol is None:
+        rtol = float(np.sqrt(jnp.finfo(dtype).eps))
     diff = jnp.max(jnp.stack([jnp.max(jnp.abs(a - b)).astype(dtype) for a, b in pairs]))
     scale = jnp.max(jnp.stack([jnp.max(jnp.abs(b)).astype(dtype) for _, b in pairs]))
     error = diff / jnp.maximum(scale, jnp.finfo(scale.dtype).tiny)
     error = eqxi.unvmap_max(jnp.where(jnp.isnan(error), jnp.inf, error))
-
-    def report(error):
-        jax.debug.callback(ft.partial(_warn_reconstruction, rtol=rtol), error, partitioned=True)
-
-    jax.lax.cond(error > rtol, report, lambda error: None, error)
+    _on_host_if(error > rtol, ft.partial(_warn_reconstruction, rtol=rtol), error)

@@ -1,8 +1,6 @@
 import math
 
 import equinox as eqx
-import jax
-import jax.numpy as jnp
 
 from .._errors import warn_if_inexact_reconstruction
 from .._solver import AbstractReversibleSolver
@@ -46,12 +44,8 @@ class MALI(AbstractGradient):
     record = "grid"
 
     def check_reconstruction(self, rebuilt, original):
-        rtol = self.reconstruction_rtol
-        if rtol is None:
-            dtypes = [x.dtype for x in jax.tree_util.tree_leaves(original) if eqx.is_inexact_array(x)]
-            rtol = math.sqrt(float(jnp.finfo(jnp.result_type(*dtypes)).eps)) if dtypes else math.inf
-        if rtol < math.inf:
-            warn_if_inexact_reconstruction(rebuilt, original, rtol)
+        if self.reconstruction_rtol != math.inf:
+            warn_if_inexact_reconstruction(rebuilt, original, self.reconstruction_rtol)
 
     def __check_init__(self):
         rtol = self.reconstruction_rtol
