@@ -27,6 +27,7 @@ from ._solver import Euler as Euler
 from ._solver import Heun as Heun
 from ._solver import Midpoint as Midpoint
 from ._solver import RK4 as RK4
+from ._solver import Reversible as Reversible
 from ._solver import ReversibleHeun as ReversibleHeun
 from ._solver import Tsit5 as Tsit5
 

@@ -12,7 +12,9 @@ clipped to land on them; there is no interpolation):
 
 For a gradient strategy the loop can record, per accepted step `k`, the start time
 `t_k`, the step `h_k` exactly as used, the index of the output time the step ends on
-(or -1), and optionally the solver's checkpoint of the state at `t_k`.
+(or -1), and optionally the solver's checkpoint of the state at `t_k`. Independently it
+can keep whole solver states at a few steps in a fixed number of *restart slots*
+(`Restarts`), from which a reconstructing strategy (MALI) restarts its inverse.
 """
 
 import equinox as eqx
@@ -43,6 +45,47 @@ class Config(eqx.Module):
     throw: bool = eqx.field(static=True)
 
 
+class Restarts(eqx.Module):
+    """Keep the solver state `x_k` (the input of step `k`) at every `spacing`-th step in
+    `num_slots` slots: memory set by the slot count, never by the number of steps.
+
+    When the steps outnumber the slots (`doubling=True`, for while loops whose step
+    count is unknown at trace time) the spacing doubles: the states at odd multiples
+    of the old spacing become free slots for the next ones, as in online
+    checkpointing. So between `num_slots / 2` and `num_slots` states stay evenly spread
+    over however many steps were taken, and a slot, once written, always holds an
+    exact state until it is reused. On a `num_steps` grid the spacing is chosen so the
+    slots suffice, and nothing doubles.
+    """
+
+    num_slots: int = eqx.field(static=True)
+    spacing: int = eqx.field(static=True)
+    doubling: bool = eqx.field(static=True, default=True)
+
+    def init(self, state):
+        steps = jnp.full((self.num_slots,), -1, jnp.int32)
+        return steps, _nan_buffer((self.num_slots,), state), jnp.asarray(self.spacing, jnp.int32)
+
+    def update(self, slots, k, state, took, write):
+        """Keep `state` (the input of step `k`, taken if `took`) if `k` is due."""
+        steps, states, spacing = slots
+        due = took & (k > 0) & (k % spacing == 0)
+        if self.doubling:
+            full = jnp.all((steps >= 0) & (steps % spacing == 0))
+            spacing = jnp.where(due & full, 2 * spacing, spacing)
+            due = due & (k % spacing == 0)
+        slot = jnp.argmax((steps < 0) | (steps % spacing != 0))  # a free slot
+        steps = steps.at[slot].set(jnp.where(due, k, steps[slot]))
+        return steps, write(states, slot, state, due), spacing
+
+
+def _set_row(buffer, index, value, pred):
+    """`buffer[index] = value` where `pred` (plain arrays, e.g. a scan's carry)."""
+    return jtu.tree_map(
+        lambda v, b: b.at[index].set(jnp.where(pred, v, b[index])), value, buffer
+    )
+
+
 class Trajectory(eqx.Module):
     """The accepted discretisation, recorded for a gradient strategy.
 
@@ -55,6 +98,8 @@ class Trajectory(eqx.Module):
     out: jax.Array | None  # index j of ts that step k ends on, or -1
     num_steps: jax.Array
     states: object  # solver.checkpoint(state at t_k) per step, or None
+    slot_steps: jax.Array | None = None  # Restarts: the step k each slot holds, or -1
+    slot_states: object = None  # Restarts: the solver state x_k in each slot
 
 
 class LoopOutput(eqx.Module):
@@ -97,8 +142,9 @@ def _ts_ok(ts):
     return ok, direction
 
 
-def integrate(problem, config, *, kind="lax", record=None, checkpoints=None):
-    """Solve `problem`; `record` is None, "grid" ((t_k, h_k) only) or "states".
+def integrate(problem, config, *, kind="lax", record=None, checkpoints=None, restarts=None):
+    """Solve `problem`; `record` is None, "grid" ((t_k, h_k) only) or "states";
+    `restarts` (a `Restarts`, with a `record`) also keeps a few whole solver states.
 
     `kind="checkpointed"` (with `checkpoints`, None for one per step) runs even a
     `num_steps` grid in the while loop, so that it is reverse-differentiated with
@@ -115,13 +161,13 @@ def integrate(problem, config, *, kind="lax", record=None, checkpoints=None):
         tree_all_finite(state0) | ~ts_ok, result0, RESULTS.nonfinite_state
     )
     if num_out == 1 or (config.controller is None and kind != "checkpointed"):
-        return _integrate_grid(problem, config, state0, result0, direction, record)
+        return _integrate_grid(problem, config, state0, result0, direction, record, restarts)
     return _integrate_while(
-        problem, config, state0, result0, direction, kind, record, checkpoints
+        problem, config, state0, result0, direction, kind, record, checkpoints, restarts
     )
 
 
-def _integrate_grid(problem, config, state0, result0, direction, record):
+def _integrate_grid(problem, config, state0, result0, direction, record, restarts):
     """`num_steps=N`: a static grid, run as nested `lax.scan`s (differentiable)."""
     del direction
     func, y0, ts, args = problem.func, problem.y0, problem.ts, problem.args
@@ -133,30 +179,34 @@ def _integrate_grid(problem, config, state0, result0, direction, record):
     def step(carry, _):
         # The step counter is carried, not scanned over: an index vector would cost
         # memory proportional to the number of steps.
-        state, result, t_fail, i, h, t_start, k = carry
+        state, result, t_fail, i, h, t_start, k, slots = carry
         t = grid_time(t_start, h, k)
+        if restarts is not None:
+            flat_k = i * n + k
+            slots = restarts.update(slots, flat_k, state, jnp.array(True), _set_row)
         state1, _ = solver.step(func, t, h, state, args)
         bad = ~tree_all_finite(solver.y(state1)) & (result == RESULTS.successful)
         result = RESULTS.where(bad, RESULTS.nonfinite_state, result)
         t_fail = jnp.where(bad, t, t_fail)
         # The grid itself is never stored: `grid_step` recomputes (t_k, h_k) from ts.
         rec = solver.checkpoint(state) if record == "states" else None
-        return (state1, result, t_fail, i, h, t_start, k + 1), rec
+        return (state1, result, t_fail, i, h, t_start, k + 1, slots), rec
 
     def interval(carry, x):
-        state, result, t_fail = carry
+        state, result, t_fail, slots = carry
         i, h, t_start = x
         k0 = jnp.zeros((), jnp.int32)
-        (state, result, t_fail, *_), rec = jax.lax.scan(
-            step, (state, result, t_fail, i, h, t_start, k0), None, length=n
+        (state, result, t_fail, *_, slots), rec = jax.lax.scan(
+            step, (state, result, t_fail, i, h, t_start, k0, slots), None, length=n
         )
-        return (state, result, t_fail), (solver.y(state), rec)
+        return (state, result, t_fail, slots), (solver.y(state), rec)
 
     t_fail0 = jnp.where(result0 == RESULTS.successful, ts[-1], ts[0])
-    (state, result, t_fail), (ys, recs) = jax.lax.scan(
+    slots0 = None if restarts is None else restarts.init(state0)
+    (state, result, t_fail, slots), (ys, recs) = jax.lax.scan(
         interval,
-        (state0, result0, t_fail0),
-        (jnp.arange(num_intervals), hs, ts[:-1]),
+        (state0, result0, t_fail0, slots0),
+        (jnp.arange(num_intervals, dtype=jnp.int32), hs, ts[:-1]),
     )
     ys = jtu.tree_map(lambda a, b: jnp.concatenate([a[None], b]), y0, ys)
     num_steps = jnp.asarray(n * num_intervals, jnp.int32)
@@ -171,8 +221,12 @@ def _integrate_grid(problem, config, state0, result0, direction, record):
     trajectory = None
     if record is not None:
         states = jtu.tree_map(lambda x: x.reshape((-1,) + x.shape[2:]), recs)
-        trajectory = Trajectory(None, None, None, num_steps, states)
+        trajectory = Trajectory(None, None, None, num_steps, states, *_slot_fields(slots))
     return LoopOutput(ys, result, stats, state, trajectory, ts[-1])
+
+
+def _slot_fields(slots):
+    return (None, None) if slots is None else slots[:2]
 
 
 class _Carry(eqx.Module):
@@ -188,6 +242,7 @@ class _Carry(eqx.Module):
     result: RESULTS
     ys: object
     rec: object
+    slots: object  # Restarts: (slot steps, slot states, spacing), or None
 
 
 def _write(buffer, index, value, pred):
@@ -195,7 +250,9 @@ def _write(buffer, index, value, pred):
     return jtu.tree_map(lambda v, b: b.at[index].set(v, pred=pred), value, buffer)
 
 
-def _integrate_while(problem, config, state0, result0, direction, kind, record, checkpoints):
+def _integrate_while(
+    problem, config, state0, result0, direction, kind, record, checkpoints, restarts
+):
     """Adaptive steps or `step_size` (or, for checkpointing, a `num_steps` grid): one
     while loop bounded by `max_steps`."""
     func, y0, ts, args = problem.func, problem.y0, problem.ts, problem.args
@@ -229,6 +286,7 @@ def _integrate_while(problem, config, state0, result0, direction, kind, record, 
             jnp.full((max_steps,), -1, jnp.int32),
             _nan_buffer((max_steps,), checkpoint),
         )
+    slots0 = None if restarts is None else restarts.init(state0)
 
     def cond(c):
         return (c.j < num_out) & (c.result == RESULTS.successful)
@@ -269,6 +327,9 @@ def _integrate_while(problem, config, state0, result0, direction, kind, record, 
             checkpoint = solver.checkpoint(c.state) if record == "states" else None
             out = jnp.where(reach, c.j, -1).astype(jnp.int32)
             rec = _write(rec, c.num_steps, (c.t, h, out, checkpoint), took)
+        slots = c.slots
+        if restarts is not None:
+            slots = restarts.update(slots, c.num_steps, c.state, took, _write)
         if adaptive:
             floor = 10 * eps * jnp.maximum(jnp.abs(c.t), jnp.abs(t_target))
             failed = ~accept & (h_next <= floor)
@@ -289,6 +350,7 @@ def _integrate_while(problem, config, state0, result0, direction, kind, record, 
             result=result,
             ys=ys,
             rec=rec,
+            slots=slots,
         )
 
     zero_i = jnp.zeros((), jnp.int32)
@@ -305,13 +367,14 @@ def _integrate_while(problem, config, state0, result0, direction, kind, record, 
         result=result0,
         ys=ys,
         rec=rec,
+        slots=slots0,
     )
     c = eqxi.while_loop(
         cond,
         body,
         carry0,
         max_steps=max_steps,
-        buffers=lambda c: (c.ys, c.rec),
+        buffers=lambda c: (c.ys, c.rec) if restarts is None else (c.ys, c.rec, c.slots[1]),
         kind=kind,
         **({"checkpoints": checkpoints} if kind == "checkpointed" else {}),
     )
@@ -329,6 +392,6 @@ def _integrate_while(problem, config, state0, result0, direction, kind, record, 
     trajectory = None
     if record is not None:
         t_k, h_k, out, states = c.rec
-        trajectory = Trajectory(t_k, h_k, out, c.num_steps, states)
+        trajectory = Trajectory(t_k, h_k, out, c.num_steps, states, *_slot_fields(c.slots))
     t_target = ts[jnp.minimum(c.j, num_out - 1)]
     return LoopOutput(c.ys, result, stats, c.state, trajectory, t_target)

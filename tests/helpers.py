@@ -18,9 +18,12 @@ ALL_SOLVERS = (
 ADAPTIVE_SOLVERS = tuple(s for s in ALL_SOLVERS if s.error_order is not None)
 REVERSIBLE_SOLVERS = tuple(s for s in ALL_SOLVERS if isinstance(s, mj.AbstractReversibleSolver))
 RK_SOLVERS = tuple(s for s in ALL_SOLVERS if isinstance(s, mj.AbstractRungeKutta))
+REVERSIBLE_RK = tuple(mj.Reversible(s) for s in RK_SOLVERS)
 
 
 def name(x):
+    if isinstance(x, mj.Reversible):
+        return f"Reversible({name(x.solver)},{x.coupling})"
     return type(x).__name__
 
 

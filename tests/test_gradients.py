@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import malijax as mj
-from helpers import MLPField, name
+from helpers import RK_SOLVERS, MLPField, name
 
 TS = jnp.array([0.0, 0.4, 1.0])
 Y0 = jnp.array([0.3, -0.5, 0.8])
@@ -41,6 +41,12 @@ EXACT_PAIRS = [
     (mj.Dopri5(), mj.ANODE()),
     (mj.ALF(), mj.ANODE(checkpoints=3)),
     (mj.Dopri5(), mj.ANODE(checkpoints=3)),
+    # The coupled reversible RK method with every base: MALI's fused backward (two
+    # base-step VJPs), and the other strategies that serve any solver.
+    *[(mj.Reversible(base), mj.MALI()) for base in RK_SOLVERS],
+    (mj.Reversible(mj.Tsit5(), coupling=1.0), mj.MALI()),
+    (mj.Reversible(mj.Tsit5()), mj.ACA()),
+    (mj.Reversible(mj.Tsit5()), mj.ANODE()),
 ]
 GRIDS = {
     "num_steps": dict(num_steps=6),
@@ -74,7 +80,8 @@ def params():
 # Every pair on the fixed grid; the adaptive grid for one pair per strategy and solver
 # family in the default suite and the rest under `-m slow` (compile time dominates).
 ADAPTIVE_DEFAULT = {("ALF", "MALI"), ("ReversibleHeun", "MALI"), ("Dopri5", "ACA"), ("Bosh3", "ACA"),
-                    ("Tsit5", "SymplecticAdjoint"), ("Dopri5", "ANODE")}
+                    ("Tsit5", "SymplecticAdjoint"), ("Dopri5", "ANODE"),
+                    ("Reversible(Tsit5,0.5)", "MALI"), ("Reversible(Bosh3,0.5)", "MALI")}
 CASES = [pytest.param(s, g, "num_steps", id=f"{name(s)}-{name(g)}-num_steps") for s, g in EXACT_PAIRS]
 CASES += [
     pytest.param(s, g, "adaptive", id=f"{name(s)}-{name(g)}-adaptive",
@@ -104,7 +111,8 @@ def test_equals_direct(solver, strategy, grid, params):
     assert float(jnp.max(jnp.abs(got[1]))) > 0  # ts gradients are not silently zero
 
 
-@pytest.mark.parametrize("solver,strategy", [(mj.ALF(), mj.MALI()), (mj.Tsit5(), mj.ACA())],
+@pytest.mark.parametrize("solver,strategy", [(mj.ALF(), mj.MALI()), (mj.Tsit5(), mj.ACA()),
+                                             (mj.Reversible(mj.Tsit5()), mj.MALI())],
                          ids=lambda x: name(x))
 def test_decreasing_time_step_size_equals_direct(solver, strategy, params):
     ts = jnp.array([1.0, 0.3, -0.5])
@@ -113,8 +121,10 @@ def test_decreasing_time_step_size_equals_direct(solver, strategy, params):
     assert _rel(grad(params, ts, solver, strategy, kw), grad(params, ts, solver, mj.Direct(), kw)) <= 1e-10
 
 
-@pytest.mark.parametrize("strategy", [mj.MALI(), mj.ACA()], ids=name)
-def test_pytree_state_equals_direct(strategy):
+@pytest.mark.parametrize("solver,strategy", [(mj.ALF(), mj.MALI()), (mj.ALF(), mj.ACA()),
+                                             (mj.Reversible(mj.Dopri5()), mj.MALI())],
+                         ids=lambda x: name(x))
+def test_pytree_state_equals_direct(solver, strategy):
     def f(t, y, a):
         return {"q": y["p"], "p": (-a * jnp.sin(y["q"][0]), jnp.cos(t) * y["p"][1])}
 
@@ -123,7 +133,7 @@ def test_pytree_state_equals_direct(strategy):
 
     def loss(y0, a, gradient):
         ys = mj.odeint(lambda t, y, a: {"q": (y["p"][0],), "p": (-a * jnp.sin(y["q"][0]), jnp.cos(t) * y["p"][1])},
-                       y0, ts, a, solver=mj.ALF(), gradient=gradient, num_steps=5)
+                       y0, ts, a, solver=solver, gradient=gradient, num_steps=5)
         return sum(jnp.sum(x[1:] ** 2) for x in jtu.tree_leaves(ys))
 
     del f

@@ -17,7 +17,7 @@ import pytest
 
 import malijax as mj
 
-from helpers import ADAPTIVE_SOLVERS, ALL_SOLVERS, REVERSIBLE_SOLVERS, RK_SOLVERS, name
+from helpers import ADAPTIVE_SOLVERS, ALL_SOLVERS, REVERSIBLE_RK, REVERSIBLE_SOLVERS, RK_SOLVERS, name
 
 EPS = float(np.finfo(np.float64).eps)
 
@@ -230,10 +230,15 @@ CONV_NS = {
 }
 
 
-@pytest.mark.parametrize("solver", ALL_SOLVERS, ids=name)
+@pytest.mark.parametrize("solver", ALL_SOLVERS + REVERSIBLE_RK, ids=name)
 def test_convergence_order(solver):
-    assert solver.order == ORDER[name(solver)]
-    ns = np.asarray(CONV_NS[name(solver)])
+    """Reversible(base) (coupling 0.5) keeps its base's order (McCallum & Foster 2024)."""
+    base = name(solver.solver if isinstance(solver, mj.Reversible) else solver)
+    assert solver.order == ORDER[base]
+    # The coupled method's error changes sign between N = 48 and 128 for these bases
+    # (order 4.2-7 locally, 4.7-5.1 asymptotically): fit over a wider range.
+    wide = isinstance(solver, mj.Reversible) and base in ("Dopri5", "Tsit5")
+    ns = np.asarray((24, 48, 96, 192) if wide else CONV_NS[base])
     exact = logistic_exact(CONV_T)
     errors = []
     for n in ns:
@@ -243,8 +248,8 @@ def test_convergence_order(solver):
         errors.append(float(np.max(np.abs(np.asarray(ys[-1]) - exact))))
     errors = np.asarray(errors)
     slope = np.polyfit(np.log(CONV_T / ns), np.log(errors), 1)[0]
-    assert errors.min() > 1e-12, errors  # the fit is not polluted by rounding
-    assert abs(slope - ORDER[name(solver)]) <= 0.3, (name(solver), slope, errors)
+    assert errors.min() > (1e-13 if wide else 1e-12), errors  # not polluted by rounding
+    assert abs(slope - ORDER[base]) <= 0.3, (name(solver), slope, errors)
 
 
 # --------------------------------------------------------------------------------------

@@ -9,6 +9,17 @@ cotangent of `x_k` (including the output cotangent attached to `x_k`, which it i
 with `h_{k-1}` so that a fused step can look one step ahead), and the cotangents of
 `func`, `args`, `t_k` and `h_k`. `prologue` may adjust the final state's cotangent.
 
+Stored states and reconstruction are the two ends of one scale. ACA stores `x_k` at
+every step and its `backward_step` loads it; MALI stores none and rebuilds `x_k` from
+`x_{k+1}` with the solver's algebraic inverse, which amplifies rounding by up to
+`1/|det|` per step (damped ALF, coupled `Reversible`) and by the flow's own contraction.
+In between, `MALI(checkpoints=K)` keeps `K` whole states (`_loop.Restarts`): whenever
+the sweep reaches a step whose input state was kept, the rebuilt value is replaced by
+the stored one, so rounding is amplified over one segment only, and the difference
+between the two is the segment's reconstruction error (reported by the strategy's
+`report_reconstruction`, worst segment first). The cotangents are untouched: the stored
+and the rebuilt state stand for the same point of the same map.
+
 Second derivatives: the backward is JVP-able, so `jax.hessian` (forward-over-reverse)
 works everywhere; reverse-over-reverse needs a `num_steps` grid (a `scan` both ways),
 because the adaptive forward is a `lax.while_loop`.
@@ -25,7 +36,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 
 from .._loop import LoopOutput, Problem, grid_step, integrate
-from .._misc import cotangent_or_zeros, tree_add, tree_zeros_like
+from .._misc import cotangent_or_zeros, tree_add, tree_where, tree_zeros_like
 
 
 def _output_cotangent(ct_ys, out):
@@ -33,6 +44,34 @@ def _output_cotangent(ct_ys, out):
     return jtu.tree_map(
         lambda c: jnp.where(out >= 0, c[jnp.maximum(out, 0)], jnp.zeros_like(c[0])), ct_ys
     )
+
+
+def relative_difference(rebuilt, stored):
+    """max |rebuilt - stored| / max |stored| over the inexact leaves (NaN -> inf)."""
+    pairs = [
+        (a, b) for a, b in zip(jtu.tree_leaves(rebuilt), jtu.tree_leaves(stored))
+        if eqx.is_inexact_array(b)
+    ]
+    if not pairs:
+        return jnp.zeros(())
+    pairs = jax.lax.stop_gradient(pairs)  # diagnostics only
+    dtype = jnp.result_type(*[b.dtype for _, b in pairs])
+    diff = jnp.max(jnp.stack([jnp.max(jnp.abs(a - b)).astype(dtype) for a, b in pairs]))
+    scale = jnp.max(jnp.stack([jnp.max(jnp.abs(b)).astype(dtype) for _, b in pairs]))
+    error = diff / jnp.maximum(scale, jnp.finfo(dtype).tiny)
+    return jnp.where(jnp.isnan(error), jnp.inf, error)
+
+
+def _restart(traj, k, t, x, worst):
+    """Replace the rebuilt `x = x_k` by the stored state if step `k`'s input was kept,
+    tracking the worst relative difference and the time it occurred at."""
+    hit = traj.slot_steps == k
+    stored = jnp.any(hit)
+    x_stored = jtu.tree_map(lambda b: b[jnp.argmax(hit)], traj.slot_states)
+    error = jnp.where(stored, relative_difference(x, x_stored), 0)
+    worse = error > worst[0]
+    worst = (jnp.where(worse, error.astype(worst[0].dtype), worst[0]), jnp.where(worse, t, worst[1]))
+    return tree_where(stored, x_stored, x), worst
 
 
 def add_output_cotangent(strategy, solver, x, ct_x, ct_y):
@@ -52,7 +91,11 @@ def solve_with_custom_vjp(strategy, problem, config):
 
 def _forward(diff, config, strategy):
     y0, func, args, ts = diff
-    return integrate(Problem(func, y0, ts, args), config, kind="lax", record=strategy.record)
+    restarts = strategy.restarts(config, ts.shape[0], y0)
+    return integrate(
+        Problem(func, y0, ts, args), config, kind="lax", record=strategy.record,
+        restarts=restarts,
+    )
 
 
 @eqx.filter_custom_vjp
@@ -93,9 +136,13 @@ def reverse_sweep(strategy, diff, config, traj, final_state, ct_ys):
             return grid_step(ts, n_per, k)
         return traj.ts[k], traj.hs[k], traj.out[k]
 
+    restarts = traj is not None and traj.slot_steps is not None
+
     def step_back(k, carry):
-        x1, ct_x1, ct_func, ct_args, ct_t1, ct_ts = carry
+        x1, ct_x1, ct_func, ct_args, ct_t1, ct_ts, worst = carry
         t, h, out = step_at(k)
+        if restarts:  # x_{k+1}: stored if it was kept (never the final state)
+            x1, worst = _restart(traj, k + 1, t + h, x1, worst)
         # What the strategy needs about step k - 1: its size, and the output cotangent
         # attached to x_k (the state step k starts from; ys[0] is handled at the end).
         _, h_prev, out_prev = step_at(jnp.maximum(k - 1, 0))
@@ -119,7 +166,7 @@ def reverse_sweep(strategy, diff, config, traj, final_state, ct_ys):
             ct_t0 = jnp.where(ends, g_t - g_h, g_t + ct_t1)
         ct_func = tree_add(ct_func, g_func)
         ct_args = tree_add(ct_args, g_args)
-        return x0, ct_x0, ct_func, ct_args, ct_t0, ct_ts
+        return x0, ct_x0, ct_func, ct_args, ct_t0, ct_ts, worst
 
     # The final state: its output cotangent, then the strategy's prologue (for the
     # fused reversible Heun, the pull-back through its cached f̂_N).
@@ -149,6 +196,7 @@ def reverse_sweep(strategy, diff, config, traj, final_state, ct_ys):
         tree_add(tree_zeros_like(args), g_args_n),
         g_t_n,  # ∂L/∂t_N so far
         ct_ts0,
+        (jnp.zeros((), ts.dtype), ts[-1]),  # worst reconstruction error, and where
     )
     if grid and num_out == 1:
         pass  # no steps: only the initial map below
@@ -172,7 +220,7 @@ def reverse_sweep(strategy, diff, config, traj, final_state, ct_ys):
         _, carry = jax.lax.while_loop(
             lambda c: c[0] >= 0, while_body, (traj.num_steps - 1, carry)
         )
-    x0_rebuilt, ct_x0, ct_func, ct_args, ct_t0, ct_ts = carry
+    x0_rebuilt, ct_x0, ct_func, ct_args, ct_t0, ct_ts, worst = carry
     ct_ts = ct_ts.at[0].add(ct_t0)
 
     # Through x_0 = to_carry(init(func, t0, y0, args)) (for ALF: v0 = f(t0, z0)).
@@ -180,7 +228,11 @@ def reverse_sweep(strategy, diff, config, traj, final_state, ct_ys):
         return strategy.initial_carry(solver, solver.init(func, t0, y0, args))
 
     x0, pull_init = eqx.filter_vjp(init_map, y0, func, args, ts[0])
-    strategy.check_reconstruction(x0_rebuilt, x0)
+    if strategy.reconstructs:
+        error = relative_difference(x0_rebuilt, x0).astype(ts.dtype)
+        worse = error >= worst[0]
+        worst = (jnp.where(worse, error, worst[0]), jnp.where(worse, ts[0], worst[1]))
+        strategy.report_reconstruction(*worst, dtype=jnp.result_type(*jtu.tree_leaves(x0)))
     ct_y0, g_func, g_args, g_t0 = pull_init(ct_x0)
     ct_y0 = tree_add(ct_y0, jtu.tree_map(lambda c: c[0], ct_ys))
     if not grid and num_out > 1:

@@ -18,11 +18,19 @@ class AbstractGradient(eqx.Module):
         `solver` under `config`. The default accepts everything."""
         del solver, config
 
-    def check_reconstruction(self, rebuilt, original) -> None:
-        """Called by the reverse sweep with the initial carry it rebuilt and the one the
-        forward started from. Strategies that rebuild states (`MALI`) compare them; the
-        others stored it, and do nothing."""
-        del rebuilt, original
+    # Strategies that rebuild states (MALI) set this and receive, from the reverse
+    # sweep, the worst relative difference between a rebuilt state and the true one
+    # (stored, or the initial state) and the time where it occurred.
+    reconstructs = False
+
+    def report_reconstruction(self, error, t, *, dtype) -> None:
+        del error, t, dtype
+
+    def restarts(self, config, num_out, y0):
+        """The whole states the forward keeps for the reverse sweep to restart from
+        (`malijax._loop.Restarts`), or `None`."""
+        del config, num_out, y0
+        return None
 
     @abc.abstractmethod
     def apply(self, problem, config):

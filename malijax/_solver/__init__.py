@@ -1,6 +1,7 @@
 from .alf import ALF as ALF
 from .base import AbstractReversibleSolver as AbstractReversibleSolver
 from .base import AbstractSolver as AbstractSolver
+from .reversible import Reversible as Reversible
 from .reversible_heun import ReversibleHeun as ReversibleHeun
 from .runge_kutta import AbstractRungeKutta as AbstractRungeKutta
 from .runge_kutta import Bosh3 as Bosh3

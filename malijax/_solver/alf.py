@@ -1,5 +1,6 @@
 """The asynchronous leapfrog (ALF) integrator of MALI (ALGORITHMS.md §1)."""
 
+import math
 from typing import ClassVar
 
 import equinox as eqx
@@ -52,6 +53,10 @@ class ALF(AbstractReversibleSolver):
     def __check_init__(self):
         if not (0 < self.eta <= 1):
             raise ValueError(f"ALF needs 0 < eta <= 1, got eta={self.eta}.")
+
+    @property
+    def inverse_amplification(self):
+        return math.inf if self.eta == 0.5 else 1 / abs(1 - 2 * self.eta)
 
     def init(self, func, t0, y0, args):
         return (y0, func(t0, y0, args))

@@ -61,6 +61,13 @@ class AbstractSolver(eqx.Module):
 class AbstractReversibleSolver(AbstractSolver):
     """A solver whose step has an exact algebraic inverse (ALF, reversible Heun)."""
 
+    @property
+    def inverse_amplification(self) -> float:
+        """`1/|det|` of one step on a linear problem at `h -> 0`: the factor by which
+        the inverse can amplify rounding per step (1 for undamped, volume-preserving
+        solvers). `MALI(checkpoints=None)` spaces its stored states by it."""
+        return 1.0
+
     @abc.abstractmethod
     def inverse(self, func, t, h, state1, args):
         """The state at `t` from the state at `t + h`: `step(t, h, inverse(t, h, s)) == s`

@@ -76,18 +76,39 @@ class AbstractRungeKutta(AbstractSolver):
         return (y0, k1)
 
     def step(self, func, t, h, state, args):
-        tab = self.tableau
         y, k1 = state
-        ks = [k1 if tab.fsal else func(t, y, args)]
+        y1, k_last, error = self.stages(func, t, h, y, args, k1=k1, error=True)
+        return (y1, k_last if self.tableau.fsal else None), error
+
+    def stages(self, func, t, h, y, args, *, k1=None, error=True, increment=False):
+        """The one generic explicit RK step: `(y1, k_s, error)`, or with
+        `increment=True` `(h Σ b_i k_i, k_s, error)` (the increment `Φ_h(t, y) - y`
+        formed directly, without the cancellation of `y1 - y`).
+
+        `k1` is the cached first stage (FSAL), else evaluated. With `error=False` a
+        last stage of weight `b_s = 0` (the FSAL stage of Bosh3, Dopri5, Tsit5) is not
+        evaluated unless the increment is not asked for: it then *is* `y1`'s input, and
+        `k_s` is returned for the next step; otherwise `k_s` is `None`.
+        """
+        tab = self.tableau
+        ks = [func(t, y, args) if k1 is None else k1]
         x = y
-        for i in range(1, tab.num_stages):
+        num = tab.num_stages
+        if not error and tab.b[-1] == 0 and (increment or not tab.fsal):
+            num -= 1  # the last stage only feeds the error estimate (and FSAL reuse)
+        for i in range(1, num):
             x = tree_lincomb(y, h, tab.a[i - 1], ks)
             ks.append(func(t + tab.c[i] * h, x, args))
+        err = None
+        if error and tab.b_error is not None:
+            err = tree_lincomb(None, h, tab.b_error, ks)
+        if increment:
+            return tree_lincomb(None, h, tab.b, ks), None, err
         # With FSAL the last stage's input *is* y1, bit for bit, so the carried k1 of
         # the next step equals f(t + h, y1) exactly and gradients see the same map.
-        y1 = x if tab.fsal else tree_lincomb(y, h, tab.b, ks)
-        error = None if tab.b_error is None else tree_lincomb(None, h, tab.b_error, ks)
-        return (y1, ks[-1] if tab.fsal else None), error
+        if tab.fsal and num == tab.num_stages:
+            return x, ks[-1], err
+        return tree_lincomb(y, h, tab.b, ks), None, err
 
     def y(self, state):
         return state[0]

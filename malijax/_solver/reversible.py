@@ -1,0 +1,170 @@
+"""Any explicit Runge--Kutta method made algebraically reversible (McCallum & Foster
+2024), ALGORITHMS.md §15."""
+
+import equinox as eqx
+import jax.numpy as jnp
+import jax.tree_util as jtu
+
+from .._misc import tree_add
+from .base import AbstractReversibleSolver
+from .runge_kutta import AbstractRungeKutta
+
+# Chosen by measurement (benchmarks/README.md, "Choosing the coupling"): the parasitic
+# eigenvalue is ≈ λ e^{-hμ}, so a stable solve of a dissipative problem needs
+# λ < e^{-|hμ|}; λ = 0.5 keeps steps up to |hμ| ≈ 0.7 stable, where adaptive Dopri5 /
+# Tsit5 ran with the steps and accuracy of the plain base method, while the inverse
+# doubles rounding per step (MALI then stores a state every 13 steps in float64).
+DEFAULT_COUPLING = 0.5
+
+
+class Reversible(AbstractReversibleSolver):
+    r"""An explicit Runge--Kutta `solver` made algebraically reversible by coupling two
+    copies of the state (McCallum & Foster 2024).
+
+    With `Ψ_h(t, u) = Φ_h(t, u) - u` the base method's increment and coupling
+    `λ ∈ (0, 1]`, the state `(y, z)` starts at `(y0, y0)` and one step is
+
+        y₁ = λ y₀ + (1 - λ) z₀ + Ψ_h(t₀, z₀),    z₁ = z₀ - Ψ_{-h}(t₁, y₁),
+
+    with the exact inverse `z₀ = z₁ + Ψ_{-h}(t₁, y₁)`,
+    `y₀ = (y₁ - (1 - λ) z₀ - Ψ_h(t₀, z₀)) / λ`. The output is `y`. It keeps the base
+    method's order for every λ; on `y' = μy` its step matrix has determinant λ, one
+    eigenvalue following `e^{hμ}` and a parasitic one ≈ `λ e^{-hμ}`. So λ = 1 is as
+    weakly unstable as `ALF()` on dissipative problems, while λ < `e^{-|hμ|}` is stable
+    there, at the price of an inverse that amplifies rounding by `1/λ` per step, which
+    `MALI(checkpoints=None)` offsets by storing a few states.
+
+    Cost: two base steps per step (`2s - 1` evaluations for FSAL tableaux, whose last,
+    zero-weight stage is only evaluated for the error estimate; nothing is cached
+    across steps, since neither base step starts where the other ended). MALI's fused
+    backward takes two base-step VJPs per step and no other evaluation.
+
+    Error estimate (adaptive stepping): the base method's embedded estimate of the
+    forward base step `Ψ_h(t₀, z₀)`, the local error of `y`. Its error order is the
+    base's. Methods without an embedded pair (`Euler`, `RK4`) take fixed steps.
+
+    **Arguments:**
+
+    - `solver`: an explicit Runge--Kutta solver (`Euler()` … `Tsit5()`).
+    - `coupling`: λ ∈ (0, 1], default 0.5 (chosen by measurement, see
+      `benchmarks/README.md`).
+
+    ??? cite "Reference"
+        McCallum & Foster, "Efficient, accurate and stable gradients for neural ODEs",
+        arXiv:2410.11648, 2024.
+    """
+
+    solver: AbstractRungeKutta
+    coupling: float = eqx.field(default=DEFAULT_COUPLING, static=True)
+
+    def __check_init__(self):
+        if not isinstance(self.solver, AbstractRungeKutta):
+            raise TypeError(
+                "Reversible(solver) needs an explicit Runge--Kutta solver (Euler, Midpoint, "
+                f"Heun, RK4, Bosh3, Dopri5, Tsit5), got {type(self.solver).__name__}."
+            )
+        if not (0 < self.coupling <= 1):
+            raise ValueError(f"Reversible needs 0 < coupling <= 1, got {self.coupling!r}.")
+
+    # Properties, not class constants: they are the base method's.
+    @property
+    def order(self):
+        return self.solver.order
+
+    @property
+    def error_order(self):
+        return self.solver.error_order
+
+    @property
+    def fevals_init(self):
+        return 0
+
+    @property
+    def fevals_step(self):
+        tab = self.solver.tableau
+        backward = tab.num_stages - (1 if tab.b[-1] == 0 else 0)
+        return tab.num_stages + backward
+
+    @property
+    def inverse_amplification(self):
+        return 1 / self.coupling
+
+    def _increment(self, func, t, h, u, args, error=False):
+        """`Ψ_h(t, u)` (and the embedded error estimate) by the generic RK step."""
+        inc, _, err = self.solver.stages(func, t, h, u, args, error=error, increment=True)
+        return inc, err
+
+    def _couple(self, y, z, q):
+        """`λ y + (1 - λ) z + q`."""
+        lam = self.coupling
+        if lam == 1:
+            return tree_add(y, q)
+        return jtu.tree_map(lambda a, b, c: lam * a + (1 - lam) * b + c, y, z, q)
+
+    def _uncouple(self, y1, z, q):
+        """`(y1 - (1 - λ) z - q) / λ`, the inverse of `_couple` in `y`."""
+        lam = self.coupling
+        if lam == 1:
+            return jtu.tree_map(lambda a, c: a - c, y1, q)
+        return jtu.tree_map(lambda a, b, c: (a - (1 - lam) * b - c) / lam, y1, z, q)
+
+    def init(self, func, t0, y0, args):
+        del func, t0, args
+        return (y0, y0)
+
+    def step(self, func, t, h, state, args):
+        y, z = state
+        q, error = self._increment(func, t, h, z, args, error=True)
+        y1 = self._couple(y, z, q)
+        p, _ = self._increment(func, t + h, -h, y1, args)
+        z1 = jtu.tree_map(lambda a, b: a - b, z, p)
+        return (y1, z1), error
+
+    def inverse(self, func, t, h, state1, args):
+        y1, z1 = state1
+        p, _ = self._increment(func, t + h, -h, y1, args)
+        z = tree_add(z1, p)
+        q, _ = self._increment(func, t, h, z, args)
+        return (self._uncouple(y1, z, q), z)
+
+    def inverse_vjp(self, func, t, h, state1, ct_state1, args, *, h_prev, ct_y0):
+        """Fused inverse and VJP: two base-step VJPs, whose forwards are the inverse's
+        two base steps.
+
+        With cotangents `(a_y1, a_z1)` on `(y₁, z₁)`, `P = Ψ_{-h}(t₁, y₁)` and
+        `Q = Ψ_h(t₀, z₀)`: `z₀ = z₁ + P`, then `ā_y1 = a_y1 - (∂P/∂y₁)ᵀ a_z1`,
+        `y₀ = (y₁ - (1 - λ) z₀ - Q) / λ`, `a_y0 = λ ā_y1`,
+        `a_z0 = a_z1 + (1 - λ) ā_y1 + (∂Q/∂z₀)ᵀ ā_y1`; `func`, `args`, `t₀` and `h`
+        collect both VJPs' contributions (`t₁ = t₀ + h` formed as in `step`).
+        """
+        del h_prev
+        y1, z1 = state1
+        a_y1, a_z1 = ct_state1
+        lam = self.coupling
+
+        def backward(t, h, u, func, args):
+            return self._increment(func, t + h, -h, u, args)[0]
+
+        def forward(t, h, u, func, args):
+            return self._increment(func, t, h, u, args)[0]
+
+        p, pull_p = eqx.filter_vjp(backward, t, h, y1, func, args)
+        z0 = tree_add(z1, p)
+        gt_p, gh_p, jp, gf_p, ga_p = pull_p(jtu.tree_map(jnp.negative, a_z1))
+        a_y1 = tree_add(a_y1, jp)
+        q, pull_q = eqx.filter_vjp(forward, t, h, z0, func, args)
+        y0 = self._uncouple(y1, z0, q)
+        gt_q, gh_q, jq, gf_q, ga_q = pull_q(a_y1)
+        a_y0 = jtu.tree_map(lambda a, c: lam * a + c, a_y1, ct_y0)
+        a_z0 = jtu.tree_map(lambda a, b, c: a + (1 - lam) * b + c, a_z1, a_y1, jq)
+        return (
+            (y0, z0),
+            (a_y0, a_z0),
+            tree_add(gf_p, gf_q),
+            tree_add(ga_p, ga_q),
+            tree_add(gt_p, gt_q),
+            tree_add(gh_p, gh_q),
+        )
+
+    def y(self, state):
+        return state[0]
