@@ -18,7 +18,8 @@ from ._solver import ALF, AbstractReversibleSolver, AbstractSolver
 
 
 def _default_gradient(solver):
-    """MALI for reversible solvers (constant memory), ACA otherwise (DESIGN.md §1)."""
+    """MALI for reversible solvers (`ALF`, `ReversibleHeun`, `Reversible`: memory set by
+    the stored states, not the steps), ACA otherwise (DESIGN.md §1)."""
     return MALI() if isinstance(solver, AbstractReversibleSolver) else ACA()
 
 
@@ -228,8 +229,8 @@ def odeint(
       allowed: the identity). Every output time is hit exactly by clipping a step to
       it; there is no interpolation.
     - `args`: passed to `func`; its array leaves receive gradients.
-    - `solver`: `ALF()` (default), `ReversibleHeun()`, `Euler()`, `Midpoint()`,
-      `Heun()`, `RK4()`, `Bosh3()`, `Dopri5()`, `Tsit5()`.
+    - `solver`: `ALF()` (default), `ReversibleHeun()`, `Reversible(rk_solver)`,
+      `Euler()`, `Midpoint()`, `Heun()`, `RK4()`, `Bosh3()`, `Dopri5()`, `Tsit5()`.
     - `gradient`: the gradient strategy, e.g. `Direct()`.
     - `rtol`, `atol`: tolerances for adaptive steps (used when neither `step_size` nor
       `num_steps` is given). The error norm is the RMS over every element of the state.
