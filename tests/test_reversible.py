@@ -144,7 +144,9 @@ def test_error_estimate_tracks_local_error():
 def test_adaptive_steps_see_the_parasitic_mode():
     """y' = -y to T = 20 at rtol 1e-3: the base's estimate alone lets the steps grow past
     the stable |hμ| < log(1/λ) on the decayed tail (1.6e3 times the tolerance, measured);
-    with y - z in the estimate the answer is as accurate as plain Tsit5's."""
+    with the growth of y - z in the estimate the answer is within a few tolerances (7.7,
+    plain Tsit5 2.3); and with λ = 1 a problem without decay does not stall on the
+    accumulated y - z (it did at rtol 1e-6 with |y - z| as the estimate)."""
     ts = jnp.linspace(0.0, 20.0, 5)
 
     def scaled_error(solver):
@@ -152,7 +154,10 @@ def test_adaptive_steps_see_the_parasitic_mode():
         exact = jnp.exp(-ts)[:, None]
         return float(jnp.max(jnp.abs(ys - exact) / (1e-6 + 1e-3 * exact)))
 
-    assert scaled_error(mj.Reversible(mj.Tsit5())) <= 2 * max(1.0, scaled_error(mj.Tsit5()))
+    assert scaled_error(mj.Reversible(mj.Tsit5())) <= 10 * max(1.0, scaled_error(mj.Tsit5()))
+    ys = mj.odeint(lambda t, y, a: jnp.cos(t) * jnp.ones_like(y), f64(0.0), f64(0.0, 10.0),
+                   solver=mj.Reversible(mj.Tsit5(), coupling=1.0), rtol=1e-6, atol=1e-9)
+    assert abs(float(ys[-1, 0]) - np.sin(10.0)) <= 1e-6
 
 
 # --------------------------------------------------------------------------------------

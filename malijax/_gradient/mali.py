@@ -18,7 +18,7 @@ AUTO_MAX_SLOTS = 64
 def segment_length(amplification, dtype):
     """The most steps one reconstruction segment may take: the inverse amplifies
     rounding by up to `amplification` per step, and a segment may amplify it by
-    `ε^(-1/4)` in all (8e3 in float64: ~12 digits kept; 17 in float32: ~5.7 digits),
+    `ε^(-1/4)` in all (8e3 in float64: ~12 digits kept; 54 in float32: ~5.2 digits),
     so `s = floor(log(ε^(-1/4)) / log(amplification))`."""
     budget = -0.25 * math.log(float(jnp.finfo(dtype).eps))
     return max(1, math.floor(budget / math.log(amplification)))
@@ -45,7 +45,7 @@ class MALI(AbstractGradient):
 
     - `checkpoints=None` (default): automatic. Undamped solvers (`|det| = 1`) store
       nothing. Damped ones store a state every `s = floor(log(ε^(-1/4)) / log(1/|det|))`
-      steps (`ε` of the state's dtype; λ = 0.5 gives s = 13 in float64, 4 in float32):
+      steps (`ε` of the state's dtype; λ = 0.5 gives s = 13 in float64, 5 in float32):
       exactly that many on `num_steps` grids; under adaptive stepping at most
       `min(max_steps / s, 64)` slots, the spacing doubling when they fill.
     - `checkpoints=K`: `K` stored states, evenly spread: on a `num_steps` grid every
