@@ -16,15 +16,22 @@ every (library, gradient strategy, solver) row:
 - `rel. diff`: max |g - g_ref| / max |g_ref| against the reference row named in the
   table (Direct through the same steps), a sanity check that rows compute the same thing.
 
-Rows: malijax Direct/MALI/ACA with ALF, ACA/Direct with Tsit5 (and ANODE,
-SymplecticAdjoint, Adjoint with Tsit5 when this malijax has them); Diffrax (when
+Rows: malijax Direct/MALI/ACA with ALF, ACA/Direct with Tsit5; MALI (automatic stored
+states), MALI(checkpoints=8) and ACA with Reversible(Tsit5), MALI(checkpoints=8) and ACA
+with ALF(eta=0.9) (and ANODE, SymplecticAdjoint, Adjoint with Tsit5 when this malijax has
+them); Diffrax (when
 importable) RecursiveCheckpointAdjoint with ReversibleHeun and Tsit5, DirectAdjoint and
 BacksolveAdjoint with Tsit5; and hand-written baselines: a plain `lax.scan` over the same
 ALF / Tsit5 steps differentiated by `jax.grad`, to measure malijax's own overhead.
 
+A last section solves the field made dissipative (f - 2y) adaptively with
+Reversible(Tsit5) + MALI, Tsit5 + ACA and Diffrax Tsit5 + RecursiveCheckpointAdjoint, at
+tolerances chosen so that the achieved error of y(1) against a float64 reference is about
+equal, and reports error, steps, time and memory per row.
+
 The Markdown report starts with the project's targets, each ratio computed in this run.
 
-    python benchmarks/gradients.py            # full run (~15 min on 2 CPU cores)
+    python benchmarks/gradients.py            # full run (~20 min on 2 CPU cores)
     python benchmarks/gradients.py --quick    # smoke run: N in {16, 64}, batch 32, 3 repeats
 """
 
@@ -39,8 +46,11 @@ import platform
 import statistics
 import subprocess
 import sys
+import re
+import shlex
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 
 import jax
@@ -130,21 +140,25 @@ class Case:
 
 
 def _mj_case(strategy_name, make_strategy, solver_name, make_solver, backward, ref,
-             model=None):
+             model=None, rtol=RTOL, field=None):
+    """`field` (optional) maps the parameters to the vector field actually solved (the
+    dissipative section's `Damped`); `rtol` is the adaptive relative tolerance."""
+    field = field or (lambda p: p)
+
     def build(setting):
         solver, strategy = make_solver(), make_strategy()
         ts = jnp.array(TS, jnp.float32)
         if setting.n is None:
-            kw = dict(rtol=RTOL, atol=ATOL, max_steps=ADAPTIVE_MAX_STEPS)
+            kw = dict(rtol=rtol, atol=ATOL, max_steps=ADAPTIVE_MAX_STEPS)
         else:
             kw = dict(num_steps=setting.n)
 
         def forward(params, y0):
-            sol = mj.solve(params, y0, ts, solver=solver, gradient=strategy, **kw)
+            sol = mj.solve(field(params), y0, ts, solver=solver, gradient=strategy, **kw)
             return sol.ys[-1], sol.stats
 
         def loss(params, y0):
-            ys = mj.odeint(params, y0, ts, solver=solver, gradient=strategy, **kw)
+            ys = mj.odeint(field(params), y0, ts, solver=solver, gradient=strategy, **kw)
             return loss_of(ys[-1])
 
         return forward, loss
@@ -163,12 +177,14 @@ _DFX_FEVALS_PER_STEP = {"Tsit5": 6, "ReversibleHeun": 1}
 
 
 def _dfx_case(adjoint_name, make_adjoint, solver_name, backward, ref_fixed, ref_adaptive,
-              model=None):
+              model=None, rtol=RTOL, field=None):
+    field = field or (lambda p: p)
+
     def build(setting):
         solver = getattr(diffrax, solver_name)()
         adjoint = make_adjoint()
         if setting.n is None:
-            controller = diffrax.PIDController(rtol=RTOL, atol=ATOL)
+            controller = diffrax.PIDController(rtol=rtol, atol=ATOL)
             dt0, max_steps = None, ADAPTIVE_MAX_STEPS
         else:
             controller = diffrax.ConstantStepSize()
@@ -176,7 +192,7 @@ def _dfx_case(adjoint_name, make_adjoint, solver_name, backward, ref_fixed, ref_
 
         def forward(params, y0):
             sol = diffrax.diffeqsolve(
-                diffrax.ODETerm(params), solver, TS[0], TS[1], dt0, y0,
+                diffrax.ODETerm(field(params)), solver, TS[0], TS[1], dt0, y0,
                 saveat=diffrax.SaveAt(t1=True), stepsize_controller=controller,
                 adjoint=adjoint, max_steps=max_steps,
             )
@@ -269,6 +285,15 @@ DFX_RC_TSIT5 = ("diffrax", "RecursiveCheckpoint", "Tsit5")
 DFX_DIRECT_TSIT5 = ("diffrax", "DirectAdjoint", "Tsit5")
 SCAN_ALF = ("lax.scan", "jax.grad", "ALF")
 SCAN_TSIT5 = ("lax.scan", "jax.grad", "Tsit5")
+MJ_ACA_TSIT5 = ("malijax", "ACA", "Tsit5")
+# Algebraically reversible Tsit5 (McCallum & Foster 2024, coupling 0.5) and damped ALF,
+# with MALI's stored states (`checkpoints`): automatic, or K = 8.
+REV, ALF09 = "Reversible(Tsit5)", "ALF(eta=0.9)"
+MJ_MALI_REV = ("malijax", "MALI", REV)
+MJ_MALI8_REV = ("malijax", "MALI(checkpoints=8)", REV)
+MJ_ACA_REV = ("malijax", "ACA", REV)
+MJ_MALI8_ALF09 = ("malijax", "MALI(checkpoints=8)", ALF09)
+MJ_ACA_ALF09 = ("malijax", "ACA", ALF09)
 
 
 def cases():
@@ -295,6 +320,35 @@ def cases():
         _mj_case("Direct", mj.Direct, "Tsit5", tsit5, vjps(lambda s, nfe: nfe),
                  MJ_DIRECT_TSIT5, model=(0, 6)),
     ]
+    if hasattr(mj, "Reversible"):
+        def rev():
+            return mj.Reversible(mj.Tsit5())
+
+        def alf09():
+            return mj.ALF(eta=0.9)
+
+        def mali8():
+            return mj.MALI(checkpoints=8)
+
+        # Reversible(Tsit5): two Tsit5 base steps per step. Forward: `stats` count 13
+        # evaluations per step (7 + 6), but on a num_steps grid the first base step's
+        # seventh stage only feeds the discarded error estimate and XLA drops it, so 12
+        # are computed. MALI's fused backward: two base-step VJPs per step, 6 VJPs of f
+        # each (the zero-weight FSAL stage is skipped). ACA: each step recomputed from
+        # its stored (y, z) under the VJP, the same 12 VJPs (error stage dead too).
+        out += [
+            _mj_case("MALI", mj.MALI, REV, rev, vjps(lambda s, nfe: 12 * s), MJ_ACA_REV,
+                     model=(12, 12)),
+            _mj_case("MALI(checkpoints=8)", mali8, REV, rev, vjps(lambda s, nfe: 12 * s),
+                     MJ_ACA_REV, model=(12, 12)),
+            _mj_case("ACA", mj.ACA, REV, rev, vjps(lambda s, nfe: 12 * s), None,
+                     model=(12, 12)),
+            # ALF(eta=0.9): as ALF (one VJP per step, + v0), stored states aside.
+            _mj_case("MALI(checkpoints=8)", mali8, ALF09, alf09,
+                     vjps(lambda s, nfe: s + 1), MJ_ACA_ALF09, model=(1, 1)),
+            _mj_case("ACA", mj.ACA, ALF09, alf09, vjps(lambda s, nfe: s + 1), None,
+                     model=(1, 1)),
+        ]
     # Strategies that newer malijax versions have: used when present.
     if hasattr(mj, "ANODE"):
         # A checkpoint of the loop state (k1 included) per step; each step recomputed once
@@ -340,8 +394,9 @@ def cases():
 # target's ratio is the median over rounds of the per-round ratio.
 GROUPS = [
     [MJ_DIRECT_ALF, SCAN_ALF, ("malijax", "MALI", "ALF"), DFX_RC_RH],
-    [("malijax", "ACA", "Tsit5"), DFX_RC_TSIT5],
+    [MJ_ACA_TSIT5, DFX_RC_TSIT5, MJ_MALI_REV, MJ_MALI8_REV, MJ_ACA_REV],
     [MJ_DIRECT_TSIT5, SCAN_TSIT5],
+    [MJ_MALI8_ALF09, MJ_ACA_ALF09],
 ]
 
 
@@ -403,6 +458,21 @@ def _error_row(case, setting, e):
                 setting=setting.name, n=setting.n or "", error=msg[:200])
 
 
+def _warning_notes(caught):
+    """malijax's ReconstructionWarning (MALI rebuilt a state inexactly), shortened for
+    the report; other warnings by class name."""
+    notes = []
+    for w in caught:
+        text = str(w.message)
+        m = re.search(r"state at t=(\S+) with a relative error of (\S+)", text)
+        if m:
+            notes.append(f"ReconstructionWarning: rebuilt state off by {m.group(2)} "
+                         f"(relative) at t={m.group(1)}")
+        else:
+            notes.append(f"{w.category.__name__}: {text.splitlines()[0][:80]}")
+    return list(dict.fromkeys(notes))
+
+
 def measure_group(group, setting, params, y0, args, grads):
     """Rows for the cases of `group`: compile each gradient (compile time, memory), warm
     each up, time their gradients interleaved (round r calls every member once), then
@@ -421,12 +491,17 @@ def measure_group(group, setting, params, y0, args, grads):
 
             compiled, row["compile_s"] = _compile(grad_fn, *fn_args)
             row["grad_temp_bytes"] = _temp_bytes(compiled)
-            start = time.perf_counter()
-            g = jax.block_until_ready(compiled(*fn_args))
-            warm = time.perf_counter() - start
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                start = time.perf_counter()
+                g = jax.block_until_ready(compiled(*fn_args))
+                warm = time.perf_counter() - start
             grads[(case.key, setting.name)] = _flat(g)
+            notes = _warning_notes(caught)
             if not np.all(np.isfinite(_flat(g))):
-                row["note"] = "non-finite gradient"
+                notes.append("non-finite gradient")
+            if notes:
+                row["note"] = "; ".join(notes)
             live.append((case, compiled, forward, warm))
         except Exception as e:  # noqa: BLE001 - a failing row is reported, not fatal
             row = _error_row(case, setting, e)
@@ -463,7 +538,7 @@ def measure_group(group, setting, params, y0, args, grads):
         row.update(steps=steps, rejected=rejected, nfe=nfe, bwd=case.backward(steps, nfe))
         row["grad_over_fwd"] = grad_s / fwd_s
         if not np.all(np.isfinite(np.asarray(y_final))):
-            row["note"] = "non-finite result"
+            row["note"] = "; ".join(filter(None, [row.get("note"), "non-finite result"]))
     live.clear()
     return [rows[case.key] for case in group]
 
@@ -530,6 +605,187 @@ def add_rel_diffs(rows, cases_by_key, grads):
         row["ref"] = f"{ref[0]} {ref[1]}"
 
 
+# ------------------------------------------------- adaptive, dissipative, equal error
+
+# The MLP field made dissipative, f(t, y) - DAMPING * y, solved adaptively by a few rows
+# at tolerances that give about the same error of y(1): ACA + Tsit5 at the anchor rtol
+# sets the target error; every other row takes, from a quarter-decade grid of rtol
+# (loosest first, stopping at the first whose error is at most the target), whichever
+# of the last two tried has the error nearest the target (in log).
+DAMPING = 2.0
+DISS_ANCHOR = (MJ_ACA_TSIT5, 1e-3)
+DISS_RTOLS = tuple(10.0 ** (-2 - k / 4) for k in range(13))  # 1e-2 ... 1e-5
+DISS_REF_STEPS = 256  # float64 Tsit5 reference: 256 fixed steps
+
+
+class Damped(eqx.Module):
+    """f(t, y) - damping * y: the vector field made dissipative (contracting)."""
+
+    field: eqx.Module
+    damping: float = eqx.field(static=True)
+
+    def __call__(self, t, y, args):
+        return self.field(t, y, args) - self.damping * y
+
+
+def damped(params):
+    return Damped(params, DAMPING)
+
+
+def dissipative_keys():
+    return [MJ_ACA_TSIT5, MJ_MALI_REV] + ([DFX_RC_TSIT5] if diffrax is not None else [])
+
+
+def dissipative_case(key, rtol):
+    if key == MJ_ACA_TSIT5:
+        return _mj_case("ACA", mj.ACA, "Tsit5", mj.Tsit5,
+                        lambda s, nfe: f"{7 * s + 1} VJP", None, rtol=rtol, field=damped)
+    if key == MJ_MALI_REV:
+        return _mj_case("MALI", mj.MALI, REV, lambda: mj.Reversible(mj.Tsit5()),
+                        lambda s, nfe: f"{12 * s} VJP", None, rtol=rtol, field=damped)
+    if key == DFX_RC_TSIT5:
+        return _dfx_case("RecursiveCheckpoint", diffrax.RecursiveCheckpointAdjoint, "Tsit5",
+                         lambda s, nfe: "recomputed fwd + NFE VJP", None, None, rtol=rtol,
+                         field=damped)
+    raise ValueError(key)
+
+
+DISSIPATIVE = Setting("dissipative", None)
+
+
+def dissipative_reference(params, y0):
+    """y(1) and the gradient of the loss, in float64: Tsit5 with DISS_REF_STEPS fixed
+    steps (ACA: the exact gradient of that discretisation)."""
+    with jax.enable_x64(True):
+        p64 = jax.tree_util.tree_map(
+            lambda x: x.astype(jnp.float64) if eqx.is_inexact_array(x) else x, params)
+        dyn, static = eqx.partition(p64, eqx.is_array)
+        y64 = jnp.asarray(y0, jnp.float64)
+        ts = jnp.array(TS, jnp.float64)
+
+        def y1(d):
+            return mj.odeint(damped(eqx.combine(d, static)), y64, ts, solver=mj.Tsit5(),
+                             gradient=mj.ACA(), num_steps=DISS_REF_STEPS)[-1]
+
+        y_ref = np.asarray(jax.jit(y1)(dyn))
+        g_ref = _flat(jax.jit(jax.grad(lambda d: loss_of(y1(d))))(dyn))
+    return y_ref, g_ref
+
+
+def _rel_error(a, ref):
+    a = np.asarray(a, np.float64)
+    if not np.all(np.isfinite(a)):
+        return math.inf
+    return float(np.max(np.abs(a - ref)) / np.max(np.abs(ref)))
+
+
+def _y_error(case, params, y0, y_ref):
+    """The achieved error of y(1) of `case`'s forward solve, or inf where it fails."""
+    forward, _ = case.build(DISSIPATIVE)
+    dyn, static = eqx.partition(params, eqx.is_array)
+    try:
+        y1, _ = jax.jit(lambda d, y: forward(eqx.combine(d, static), y))(dyn, y0)
+        return _rel_error(jax.block_until_ready(y1), y_ref)
+    except Exception:  # noqa: BLE001 - e.g. max_steps reached: too tight for this row
+        return math.inf
+
+
+def choose_tolerances(params, y0, y_ref):
+    """{key: (rtol, achieved error)} at about equal achieved error, the target error,
+    and each row's sweep [(rtol, error), ...]."""
+    anchor, anchor_rtol = DISS_ANCHOR
+    target = _y_error(dissipative_case(anchor, anchor_rtol), params, y0, y_ref)
+    print(f"dissipative: target error {target:.2e} ({' '.join(anchor)} at rtol "
+          f"{anchor_rtol:g})", flush=True)
+    chosen, sweeps = {anchor: (anchor_rtol, target)}, {}
+    for key in dissipative_keys():
+        if key == anchor:
+            continue
+        tried = []
+        for rtol in DISS_RTOLS:
+            err = _y_error(dissipative_case(key, rtol), params, y0, y_ref)
+            tried.append((rtol, err))
+            if err <= target:
+                break
+        def distance(pair):
+            err = pair[1]
+            return abs(math.log(max(err, 1e-30) / target)) if math.isfinite(err) else math.inf
+
+        chosen[key] = min(tried[-2:], key=distance)
+        sweeps[key] = tried
+        print(f"dissipative: {' '.join(key)}: " + ", ".join(
+            f"{r:.2g}: {e:.2e}" for r, e in tried) + f" -> rtol {chosen[key][0]:.2g}",
+            flush=True)
+    return target, chosen, sweeps
+
+
+def run_dissipative(params, y0, args):
+    """The dissipative section's rows (timed interleaved, as one group), each with its
+    rtol, the achieved error of y(1) and the gradient's error against float64."""
+    y_ref, g_ref = dissipative_reference(params, y0)
+    target, chosen, sweeps = choose_tolerances(params, y0, y_ref)
+    cases_ = [dissipative_case(k, chosen[k][0]) for k in dissipative_keys()]
+    grads = {}
+    rows = measure_group(cases_, DISSIPATIVE, params, y0, args, grads)
+    for case, row in zip(cases_, rows):
+        row["rtol"], row["y_error"] = chosen[case.key]
+        g = grads.get((case.key, DISSIPATIVE.name))
+        if g is not None:
+            row["grad_error"] = _rel_error(g, g_ref)
+        if "error" not in row:
+            print(f"{'dissip.':>9} {case.label:<50} rtol {row['rtol']:.2g}  y err "
+                  f"{row['y_error']:.2e}  grad {row['grad_ms']:8.1f} ms  temp "
+                  f"{_mib(row['grad_temp_bytes']):>6} MiB  steps {row['steps']}", flush=True)
+    return dict(rows=rows, target=target, sweeps=sweeps)
+
+
+def _dissipative_section(diss):
+    rows = diss["rows"]
+    anchor, anchor_rtol = DISS_ANCHOR
+    lines = ["## Adaptive, dissipative field, at equal achieved error", ""]
+    lines.append(
+        f"The same MLP made dissipative, f(t, y) − {DAMPING:g}·y, solved adaptively "
+        f"(atol {ATOL:g}, max_steps {ADAPTIVE_MAX_STEPS}). `{' '.join(anchor)}` at rtol "
+        f"{anchor_rtol:g} sets the target error of y(1), {diss['target']:.2e}; each other "
+        "row's rtol is taken from the quarter-decade grid 1e-2 … 1e-5 (loosest first, up "
+        "to the first whose error is at most the target) as the one of the last two tried "
+        "whose error is nearest the target. `y(1) error` and `grad error`: "
+        "max |x − x_ref| / max |x_ref| against float64 Tsit5 with "
+        f"{DISS_REF_STEPS} fixed steps. The rows are timed interleaved."
+    )
+    lines.append("")
+    lines.append("| row | rtol | y(1) error | steps (rej.) | NFE | backward | grad ms | "
+                 "runs | fwd ms | grad MiB | grad error | note |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        label = f"{row['library']} {row['strategy']} + {row['solver']}"
+        if "error" in row:
+            lines.append(f"| {label} | failed: {row['error']} |" + " |" * 10)
+            continue
+        ge = row.get("grad_error")
+        lines.append(
+            f"| {label} | {row['rtol']:.2g} | {row['y_error']:.2e} | {row['steps']} "
+            f"({row['rejected']}) | {row['nfe']} | {row['bwd']} | {row['grad_ms']:.1f} | "
+            f"{row['grad_runs']} | {row['fwd_ms']:.1f} | {_mib(row['grad_temp_bytes'])} | "
+            f"{'' if ge is None else f'{ge:.1e}'} | {row.get('note', '')} |")
+    lines.append("")
+    ratios = []
+    for den in (DFX_RC_TSIT5, MJ_ACA_TSIT5):
+        r = _ratio(rows, MJ_MALI_REV, den, DISSIPATIVE.name, "grad_ms")
+        m = _ratio(rows, MJ_MALI_REV, den, DISSIPATIVE.name, "grad_temp_bytes")
+        if r is not None:
+            ratios.append(f"{_fmt_ratio(r)} the time and {_fmt_ratio(m)} the memory of "
+                          f"{den[0]} {den[1]} + {den[2]}")
+    if ratios:
+        lines.append("Reversible(Tsit5) + MALI at equal error: " + "; ".join(ratios) + ".")
+        lines.append("")
+    for key, tried in diss["sweeps"].items():
+        lines.append(f"- rtol sweep, {' '.join(key)}: " + ", ".join(
+            f"{r:.2g} → {e:.1e}" for r, e in tried))
+    lines.append("")
+    return lines
+
+
 # ------------------------------------------------------------------------ reporting
 
 
@@ -556,7 +812,8 @@ def _fmt_ratio(r):
 
 
 def targets(rows, settings):
-    """Each target as (description, threshold, {setting: ratio}, informational settings)."""
+    """Each target as (description, threshold, {setting: ratio}, informational settings);
+    threshold None marks a line given for information (no verdict)."""
     fixed = [s.name for s in settings if s.n is not None]
     adaptive = [s.name for s in settings if s.n is None]
     out = []
@@ -583,16 +840,39 @@ def targets(rows, settings):
                  ("malijax", "ACA", "Tsit5"), DFX_RC_TSIT5, "compile_s", 0.5, True)
     ratio_target("Compile: Direct+Tsit5 ≤ 0.5× Diffrax DirectAdjoint+Tsit5",
                  MJ_DIRECT_TSIT5, DFX_DIRECT_TSIT5, "compile_s", 0.5, True)
-    # MALI memory flat in N: temp bytes at each N over those at the smallest N.
+    # Memory flat in N: temp bytes at each N over those at the smallest N.
     smallest = fixed[0]
-    base = _find(rows, ("malijax", "MALI", "ALF"), smallest)
-    by = {}
-    for s in fixed:
-        r = _find(rows, ("malijax", "MALI", "ALF"), s)
-        ok = r is not None and base is not None and base["grad_temp_bytes"]
-        by[s] = r["grad_temp_bytes"] / base["grad_temp_bytes"] if ok else None
-    out.append((f"MALI memory flat in N: temp bytes ÷ those at {smallest} ≤ 1.05",
-                1.05, by, {}))
+
+    def memory_flat(text, key, threshold=1.05):
+        base = _find(rows, key, smallest)
+        by = {}
+        for s in fixed:
+            r = _find(rows, key, s)
+            ok = r is not None and base is not None and base["grad_temp_bytes"]
+            by[s] = r["grad_temp_bytes"] / base["grad_temp_bytes"] if ok else None
+        out.append((text.format(smallest=smallest), threshold, by, {}))
+
+    memory_flat("MALI memory flat in N: temp bytes ÷ those at {smallest} ≤ 1.05",
+                ("malijax", "MALI", "ALF"))
+
+    # Reversible(Tsit5) + MALI against Diffrax's checkpointed Tsit5 at equal steps.
+    ratio_target("Reversible(Tsit5)+MALI ≤ 1.0× Diffrax RecursiveCheckpointAdjoint+Tsit5 "
+                 "in time at equal steps, with memory flat in N (time)",
+                 MJ_MALI_REV, DFX_RC_TSIT5, "grad_ms", 1.0, True)
+    per_base = {s: None if r is None else r / 2 for s, r in out[-1][2].items()}
+    out.append(("— the same per Tsit5 base step (Reversible takes two per step): "
+                "ratio ÷ 2", None, per_base, {}))
+    memory_flat("— its memory: Reversible(Tsit5)+MALI temp bytes ÷ those at {smallest} "
+                "≤ 1.05", MJ_MALI_REV)
+    ratio_target("— its memory against Diffrax RecursiveCheckpointAdjoint+Tsit5 "
+                 "(temp bytes)", MJ_MALI_REV, DFX_RC_TSIT5, "grad_temp_bytes", None, False)
+    ratio_target("Reversible(Tsit5)+MALI(checkpoints=8) ≤ 1.0× Diffrax "
+                 "RecursiveCheckpointAdjoint+Tsit5 (time)",
+                 MJ_MALI8_REV, DFX_RC_TSIT5, "grad_ms", 1.0, False)
+    memory_flat("— its memory: Reversible(Tsit5)+MALI(checkpoints=8) temp bytes ÷ those "
+                "at {smallest} ≤ 1.05", MJ_MALI8_REV)
+    memory_flat("ALF(eta=0.9)+MALI(checkpoints=8) memory flat in N: temp bytes ÷ those "
+                "at {smallest} ≤ 1.05", MJ_MALI8_ALF09)
     return out
 
 
@@ -605,6 +885,31 @@ def _verdict(values, threshold):
 
 def _mib(b):
     return "" if b is None else f"{b / 2**20:.1f}"
+
+
+# Rows whose gradient memory the report lists over N (those present in the run).
+MEMORY_ROWS = [MJ_MALI_REV, MJ_MALI8_REV, MJ_ACA_REV, MJ_MALI8_ALF09, MJ_ACA_ALF09,
+               ("malijax", "MALI", "ALF"), MJ_ACA_TSIT5, DFX_RC_TSIT5]
+
+
+def _memory_table(rows, settings):
+    names = [s.name for s in settings]
+    body = []
+    for key in MEMORY_ROWS:
+        cells = [_find(rows, key, n) for n in names]
+        if not any(cells):
+            continue
+        body.append(f"| {' '.join(key)} | " + " | ".join(
+            "" if c is None else _mib(c.get("grad_temp_bytes")) for c in cells) + " |")
+    if not body:
+        return []
+    return [
+        "Gradient memory over N (`temp MiB` of the jitted gradient; adaptive: sized by "
+        "`max_steps`):", "",
+        "| row | " + " | ".join(n.removeprefix("N=") for n in names) + " |",
+        "|---|" + "---|" * len(names),
+        *body, "",
+    ]
 
 
 def _load():
@@ -653,7 +958,8 @@ def machine_info():
 
 COLUMNS = ["library", "strategy", "solver", "setting", "n", "steps", "rejected", "nfe", "bwd",
            "grad_ms", "grad_runs", "grad_spread", "fwd_ms", "fwd_runs", "grad_over_fwd",
-           "compile_s", "grad_temp_bytes", "fwd_temp_bytes", "rel_diff", "ref", "note", "error"]
+           "compile_s", "grad_temp_bytes", "fwd_temp_bytes", "rel_diff", "ref", "rtol",
+           "y_error", "grad_error", "note", "error"]
 
 
 def write_csv(path, rows):
@@ -696,7 +1002,7 @@ def _cost_model(rows, cases_by_key, profile, headline, n, batch):
 
 
 def write_markdown(path, rows, settings, args, info, loads, wall_s, headline,
-                   cases_by_key=None, profile=None):
+                   cases_by_key=None, profile=None, diss=None):
     lines = ["# Gradient strategies: time, compile time, memory, NFE", ""]
     lines.append(
         f"Neural ODE: f(t, y) = W2 tanh(W1 y + b1) + b2 (an `eqx.Module`), state {DIM}, "
@@ -707,7 +1013,7 @@ def write_markdown(path, rows, settings, args, info, loads, wall_s, headline,
     )
     lines.append("")
     lines.append(
-        f"Produced by `python benchmarks/gradients.py{' --quick' if args.quick else ''}` on "
+        f"Produced by `{args.command}` on "
         f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}, in {wall_s / 60:.1f} min."
     )
     lines.append("")
@@ -737,22 +1043,32 @@ def write_markdown(path, rows, settings, args, info, loads, wall_s, headline,
     lines.append("")
     lines.append("| target | at " + headline + " | range over N | per N | adaptive | verdict |")
     lines.append("|---|---|---|---|---|---|")
+    skipped = 0
     for text, threshold, by, extra in targets(rows, settings):
         vals = [v for v in by.values() if v is not None]
+        if not vals and not any(v is not None for v in extra.values()):
+            skipped += 1  # its rows were not run (--only)
+            continue
         rng = f"{min(vals):.2f}–{max(vals):.2f}×" if vals else "n/a"
         per = ", ".join(f"{s.removeprefix('N=')}: {_fmt_ratio(v)}" for s, v in by.items())
         adapt = ", ".join(_fmt_ratio(v) for v in extra.values()) or "—"
         head = by.get(headline)
         head_s = _fmt_ratio(head)
-        if head is not None:
+        if head is not None and threshold is not None:
             head_s += " (met)" if head <= threshold else " (not met)"
-        lines.append(f"| {text} | {head_s} | {rng} | {per} | {adapt} | "
-                     f"{_verdict(by.values(), threshold)} |")
+        verdict = "(information)" if threshold is None else _verdict(by.values(), threshold)
+        lines.append(f"| {text} | {head_s} | {rng} | {per} | {adapt} | {verdict} |")
     lines.append("")
+    if skipped:
+        lines.append(f"({skipped} targets left out: their rows were not run.)")
+        lines.append("")
+    lines += _memory_table(rows, settings)
 
     if profile is not None:
         lines += _cost_model(rows, cases_by_key, profile, headline,
                              int(headline.removeprefix("N=")), args.batch)
+    if diss is not None:
+        lines += _dissipative_section(diss)
 
     lines.append("## Results")
     lines.append("")
@@ -808,6 +1124,16 @@ def write_markdown(path, rows, settings, args, info, loads, wall_s, headline,
         "checkpointing.\n"
         "- The `lax.scan` rows are the same ALF / Tsit5 arithmetic written as a bare "
         "`lax.scan` and differentiated by `jax.grad`: Direct's overhead is the ratio.\n"
+        "- `Reversible(Tsit5)` (coupling 0.5) takes two Tsit5 base steps per step: its "
+        "NFE (from `stats`) counts 13 per step, but on a `num_steps` grid the first base "
+        "step's seventh stage only feeds the unused error estimate and XLA drops it, so 12 "
+        "are computed (its cost model counts 12 F + 12 V). `MALI()` stores a whole state "
+        "(y, z) every s steps (s = 5 for λ = 0.5 in float32 in this malijax, i.e. "
+        "⌈N/5⌉ − 1 states), so "
+        "its memory grows with N; `MALI(checkpoints=8)` stores 8, and its reconstruction "
+        "segments grow with N (amplifying rounding by 1/|det| per step: 2 for Reversible, "
+        "1.25 for ALF(eta=0.9)), which the `rel. diff` column and ReconstructionWarning "
+        "notes show.\n"
         "- Other processes on the machine distort timings: see the load average above."
     )
     pathlib.Path(path).write_text("\n".join(lines) + "\n")
@@ -832,12 +1158,26 @@ def main(argv=None):
                         help="timed calls for slow measurements (default 3)")
     parser.add_argument("--only", default=None,
                         help="comma-separated substrings: run only rows whose label has one")
+    parser.add_argument("--ns", default=None,
+                        help="comma-separated step counts N (default 16,64,256,1024; "
+                             "16,64 with --quick)")
+    parser.add_argument("--no-adaptive", action="store_true",
+                        help="leave out the adaptive setting of the main table")
+    parser.add_argument("--no-dissipative", action="store_true",
+                        help="leave out the adaptive dissipative section (equal error)")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.command = shlex.join(["python", "benchmarks/gradients.py", *argv])
     args.batch = args.batch or (32 if args.quick else 256)
     args.repeats = args.repeats or (3 if args.quick else 5)
     args.slow_repeats = min(args.slow_repeats or 3, args.repeats)
-    ns = [16, 64] if args.quick else [16, 64, 256, 1024]
-    settings = [Setting(f"N={n}", n) for n in ns] + [Setting("adaptive", None)]
+    if args.ns:
+        ns = sorted(int(n) for n in args.ns.split(","))
+    else:
+        ns = [16, 64] if args.quick else [16, 64, 256, 1024]
+    settings = [Setting(f"N={n}", n) for n in ns]
+    if not args.no_adaptive:
+        settings.append(Setting("adaptive", None))
     headline = "N=256" if 256 in ns else f"N={ns[-1]}"
     default_out = pathlib.Path(__file__).resolve().parent / "results"
     out = pathlib.Path(args.out) if args.out else (
@@ -877,6 +1217,7 @@ def main(argv=None):
                           flush=True)
             print(f"{'':>9} [group of {len(group)}: {time.perf_counter() - t0:5.1f} s]",
                   flush=True)
+    diss = None if args.no_dissipative else run_dissipative(params, y0, args)
     headline_n = int(headline.removeprefix("N="))
     profile = per_step_profile(params, y0, headline_n, args.repeats)
     print(f"per step at {headline}: F = {1e6 * profile[0]:.0f} us, "
@@ -889,9 +1230,9 @@ def main(argv=None):
                              display[(r["library"], r["strategy"], r["solver"])]))
     add_rel_diffs(rows, cases_by_key, grads)
     loads = (load_start, _load())
-    write_csv(out / "gradients.csv", rows)
+    write_csv(out / "gradients.csv", rows + (diss["rows"] if diss else []))
     write_markdown(out / "gradients.md", rows, settings, args, info, loads, wall_s, headline,
-                   cases_by_key, profile)
+                   cases_by_key, profile, diss)
     print(f"\nwrote {out / 'gradients.md'} and {out / 'gradients.csv'} "
           f"({wall_s / 60:.1f} min)")
     print(f"load average at end: {loads[1]}")
