@@ -81,8 +81,17 @@ def params():
 # family in the default suite and the rest under `-m slow` (compile time dominates).
 ADAPTIVE_DEFAULT = {("ALF", "MALI"), ("ReversibleHeun", "MALI"), ("Dopri5", "ACA"), ("Bosh3", "ACA"),
                     ("Tsit5", "SymplecticAdjoint"), ("Dopri5", "ANODE"),
-                    ("Reversible(Tsit5,0.5)", "MALI"), ("Reversible(Bosh3,0.5)", "MALI")}
-CASES = [pytest.param(s, g, "num_steps", id=f"{name(s)}-{name(g)}-num_steps") for s, g in EXACT_PAIRS]
+                    ("Reversible(Tsit5,0.5)", "MALI")}
+# Reversible(base) with every base runs under `-m slow`; by default the bases that differ
+# in kind: no error stage (Euler, RK4), FSAL (Bosh3, Tsit5).
+REVERSIBLE_SLOW = {"Reversible(Midpoint,0.5)", "Reversible(Heun,0.5)", "Reversible(Dopri5,0.5)",
+                   "Reversible(Tsit5,1.0)"}
+CASES = [
+    pytest.param(s, g, "num_steps", id=f"{name(s)}-{name(g)}-num_steps",
+                 marks=pytest.mark.slow if name(s) in REVERSIBLE_SLOW or
+                 (isinstance(s, mj.Reversible) and not isinstance(g, (mj.MALI, mj.ACA))) else ())
+    for s, g in EXACT_PAIRS
+]
 CASES += [
     pytest.param(s, g, "adaptive", id=f"{name(s)}-{name(g)}-adaptive",
                  marks=() if (name(s), name(g)) in ADAPTIVE_DEFAULT else pytest.mark.slow)
@@ -112,7 +121,7 @@ def test_equals_direct(solver, strategy, grid, params):
 
 
 @pytest.mark.parametrize("solver,strategy", [(mj.ALF(), mj.MALI()), (mj.Tsit5(), mj.ACA()),
-                                             (mj.Reversible(mj.Tsit5()), mj.MALI())],
+                                             (mj.Reversible(mj.Bosh3()), mj.MALI())],
                          ids=lambda x: name(x))
 def test_decreasing_time_step_size_equals_direct(solver, strategy, params):
     ts = jnp.array([1.0, 0.3, -0.5])
