@@ -198,7 +198,8 @@ GRID = (("num_steps", 200),)
 
 @pytest.mark.parametrize("solver,checkpoints", [
     (mj.ALF(eta=0.8), None), pytest.param(mj.ALF(eta=0.8), 32, marks=pytest.mark.slow),
-    (mj.ALF(), 8), (mj.ReversibleHeun(), 8), (mj.Reversible(mj.Tsit5(), coupling=0.5), None),
+    (mj.ALF(), 8), pytest.param(mj.ReversibleHeun(), 8, marks=pytest.mark.slow),
+    (mj.Reversible(mj.Tsit5(), coupling=0.5), None),
     pytest.param(mj.Reversible(mj.Tsit5(), coupling=0.9), 8, marks=pytest.mark.slow),
 ], ids=lambda x: name(x) if not isinstance(x, (int, type(None))) else f"K={x}")
 def test_checkpointed_mali_exact_where_plain_mali_fails(solver, checkpoints):
