@@ -116,15 +116,10 @@ PROBLEMS = [
 class BaseEstimateOnly(mj.Reversible):
     """`Reversible` with the previous error estimate: the base method's embedded estimate
     `e` of the forward base step from z0 alone, blind to the parasitic component y − z.
-    The library's `Reversible.step` minus its y − z term."""
+    The library's `Reversible.coupled_step`, without `step`'s y − z term."""
 
     def step(self, func, t, h, state, args):
-        y, z = state
-        q, error = self._increment(func, t, h, z, args, error=True)
-        y1 = self._couple(y, z, q)
-        p, _ = self._increment(func, t + h, -h, y1, args)
-        z1 = jtu.tree_map(lambda a, b: a - b, z, p)
-        return (y1, z1), error
+        return self.coupled_step(func, t, h, state, args)
 
 
 class YZEstimate(BaseEstimateOnly):

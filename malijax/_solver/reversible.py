@@ -126,12 +126,19 @@ class Reversible(AbstractReversibleSolver):
         del func, t0, args
         return (y0, y0)
 
-    def step(self, func, t, h, state, args):
+    def coupled_step(self, func, t, h, state, args):
+        """The step `(y1, z1)` and the base's embedded estimate `e` of its forward base
+        step (`None` without an embedded pair)."""
         y, z = state
         q, error = self._increment(func, t, h, z, args, error=True)
         y1 = self._couple(y, z, q)
         p, _ = self._increment(func, t + h, -h, y1, args)
         z1 = jtu.tree_map(lambda a, b: a - b, z, p)
+        return (y1, z1), error
+
+    def step(self, func, t, h, state, args):
+        y, z = state
+        (y1, z1), error = self.coupled_step(func, t, h, state, args)
         if error is not None:  # see the class docstring: the estimate must see y - z
             lam = self.coupling
             error = jtu.tree_map(
