@@ -7,11 +7,9 @@ message is formatted inside the callback from run-time values.
 import functools as ft
 import warnings
 
-import equinox as eqx
 import equinox.internal as eqxi
 import jax
 import jax.numpy as jnp
-import jax.tree_util as jtu
 import numpy as np
 
 from ._solution import RESULTS

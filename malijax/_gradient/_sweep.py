@@ -62,6 +62,12 @@ def relative_difference(rebuilt, stored):
     return jnp.where(jnp.isnan(error), jnp.inf, error)
 
 
+def _worse(worst, error, t):
+    """`(error, t)` if `error` exceeds the worst so far, else `worst`."""
+    worse = error > worst[0]
+    return jnp.where(worse, error.astype(worst[0].dtype), worst[0]), jnp.where(worse, t, worst[1])
+
+
 def _restart(traj, k, t, x, worst):
     """Replace the rebuilt `x = x_k` by the stored state if step `k`'s input was kept,
     tracking the worst relative difference and the time it occurred at."""
@@ -69,9 +75,7 @@ def _restart(traj, k, t, x, worst):
     stored = jnp.any(hit)
     x_stored = jtu.tree_map(lambda b: b[jnp.argmax(hit)], traj.slot_states)
     error = jnp.where(stored, relative_difference(x, x_stored), 0)
-    worse = error > worst[0]
-    worst = (jnp.where(worse, error.astype(worst[0].dtype), worst[0]), jnp.where(worse, t, worst[1]))
-    return tree_where(stored, x_stored, x), worst
+    return tree_where(stored, x_stored, x), _worse(worst, error, t)
 
 
 def add_output_cotangent(strategy, solver, x, ct_x, ct_y):
@@ -229,9 +233,7 @@ def reverse_sweep(strategy, diff, config, traj, final_state, ct_ys):
 
     x0, pull_init = eqx.filter_vjp(init_map, y0, func, args, ts[0])
     if strategy.reconstructs:
-        error = relative_difference(x0_rebuilt, x0).astype(ts.dtype)
-        worse = error >= worst[0]
-        worst = (jnp.where(worse, error, worst[0]), jnp.where(worse, ts[0], worst[1]))
+        worst = _worse(worst, relative_difference(x0_rebuilt, x0), ts[0])
         strategy.report_reconstruction(*worst, dtype=jnp.result_type(*jtu.tree_leaves(x0)))
     ct_y0, g_func, g_args, g_t0 = pull_init(ct_x0)
     ct_y0 = tree_add(ct_y0, jtu.tree_map(lambda c: c[0], ct_ys))
