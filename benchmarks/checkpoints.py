@@ -37,7 +37,10 @@ KS = (0, 4, 8, 16, 32, None)
 
 def _loss(y0, a, solver, gradient, kw):
     ts = jnp.array([0.0, 2.0, 4.0], y0.dtype)
-    ys = mj.odeint(lambda t, y, a: a @ y, y0, ts, a, solver=solver, gradient=gradient, **dict(kw))
+    # throw=False: undamped ALF / ReversibleHeun are weakly unstable on this problem (the
+    # forward reports it); the table compares gradients of the same computed steps.
+    ys = mj.odeint(lambda t, y, a: a @ y, y0, ts, a, solver=solver, gradient=gradient,
+                   throw=False, **dict(kw))
     return jnp.sum(ys[1:] ** 2)
 
 

@@ -26,13 +26,43 @@ class ReconstructionWarning(RuntimeWarning):
     error with `warnings.simplefilter("error", mj.ReconstructionWarning)`)."""
 
 
-def _message(code, t, n_steps, n_rejected, t_target, max_steps):
+WEAK_INSTABILITY_CURES = (
+    "Cures: a damped reversible solver (mj.Reversible(mj.Tsit5()) with its default "
+    "coupling < 1, or ALF(eta=0.9)), whose MALI gradients stay exact with "
+    "MALI(checkpoints=None); or a non-reversible solver (mj.Tsit5()) with gradient=mj.ACA()."
+)
+
+
+def stall_hint(solver):
+    """A sentence for stall messages of undamped reversible solvers, which stall on
+    dissipative problems for a reason other than stiffness."""
+    if getattr(solver, "inverse_amplification", None) == 1:
+        return (
+            f" {type(solver).__name__} is undamped and only weakly stable: on a dissipative "
+            "problem its parasitic mode grows like exp(|λ|t) whatever the step, and the "
+            "controller shrinks the step trying to contain it; that, rather than "
+            f"stiffness, is the likely cause. {WEAK_INSTABILITY_CURES}"
+        )
+    return ""
+
+
+def _message(code, t, n_steps, n_rejected, t_target, max_steps, hint=""):
     where = f"at t={t:.9g} after {n_steps} accepted and {n_rejected} rejected steps"
     if code == RESULTS.max_steps_reached._value:
+        if hint:
+            return (f"malijax: max_steps={max_steps} reached {where}, before the output time "
+                    f"t={t_target:.9g}.{hint}")
         return (
             f"malijax: max_steps={max_steps} reached {where}, before the output time "
             f"t={t_target:.9g}. Increase `max_steps`, loosen `rtol`/`atol`, or check "
             "whether the problem is stiff (explicit solvers then need tiny steps)."
+        )
+    if code == RESULTS.parasitic_instability._value:
+        return (
+            f"malijax: the reversible solver's parasitic component outgrew the solution "
+            f"{where} (weak instability: on a dissipative problem an undamped reversible "
+            "solver's second, parasitic mode grows like exp(|λ|t) whatever the step, so the "
+            f"answer would be wrong). {WEAK_INSTABILITY_CURES}"
         )
     if code == RESULTS.nonfinite_state._value:
         return (
@@ -44,23 +74,24 @@ def _message(code, t, n_steps, n_rejected, t_target, max_steps):
     if code == RESULTS.step_size_underflow._value:
         return (
             f"malijax: the adaptive step size underflowed {where}: no step small "
-            "enough met the tolerances. The problem may be stiff or singular near "
-            "this time; loosen `rtol`/`atol` or check `func`."
+            "enough met the tolerances."
+            + (hint or " The problem may be stiff or singular near this time; loosen "
+               "`rtol`/`atol` or check `func`.")
         )
     if code == RESULTS.ts_not_monotone._value:
         return "malijax: `ts` must be strictly increasing or strictly decreasing."
     return f"malijax: the solve failed with result code {code} {where}."
 
 
-def _raise_if_failed(code, t, n_steps, n_rejected, t_target, *, max_steps):
+def _raise_if_failed(code, t, n_steps, n_rejected, t_target, *, max_steps, hint):
     code = int(np.asarray(code))
     if code != RESULTS.successful._value:
         values = (float(np.asarray(t)), int(np.asarray(n_steps)), int(np.asarray(n_rejected)),
                   float(np.asarray(t_target)))
-        raise SolveError(_message(code, *values, max_steps))
+        raise SolveError(_message(code, *values, max_steps, hint))
 
 
-def error_if_failed(x, result, t, n_steps, n_rejected, t_target, max_steps):
+def error_if_failed(x, result, t, n_steps, n_rejected, t_target, max_steps, hint=""):
     """Returns `x`, raising `SolveError` at run time if `result` is not successful.
 
     How, and why this way:
@@ -97,7 +128,7 @@ def error_if_failed(x, result, t, n_steps, n_rejected, t_target, max_steps):
     )
 
     _on_host_if(worst != RESULTS.successful._value,
-                ft.partial(_raise_if_failed, max_steps=max_steps), *info)
+                ft.partial(_raise_if_failed, max_steps=max_steps, hint=hint), *info)
     return x
 
 

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 
 from ._controller import ConstantStepSize, PIController
-from ._misc import tree_all_finite, tree_where
+from ._misc import rms_norm, tree_all_finite, tree_where
 from ._solution import RESULTS
 
 
@@ -77,6 +77,24 @@ class Restarts(eqx.Module):
         slot = jnp.argmax((steps < 0) | (steps % spacing != 0))  # a free slot
         steps = steps.at[slot].set(jnp.where(due, k, steps[slot]))
         return steps, write(states, slot, state, due), spacing
+
+
+# A reversible solver's parasitic component has outgrown the solution when its RMS
+# exceeds the solution's RMS plus this fraction of the largest RMS the solution has had
+# (so that a solution passing through zero, or decayed to nothing, is not mistaken for
+# one): the answer is then dominated by the weak instability, not the dynamics.
+PARASITIC_FLOOR = 0.1
+
+
+def parasitic_check(solver, state1, error, y_max, dtype):
+    """`(y_max, outgrown)` after a step to `state1`: the running largest RMS of `y`, and
+    whether the solver's parasitic component has outgrown the solution."""
+    y_norm = rms_norm(solver.y(state1), dtype)
+    y_max = jnp.maximum(y_max, jnp.where(jnp.isfinite(y_norm), y_norm, 0))
+    par = solver.parasitic(state1, error)
+    if par is None:
+        return y_max, jnp.array(False)
+    return y_max, rms_norm(par, dtype) > y_norm + PARASITIC_FLOOR * y_max
 
 
 def _set_row(buffer, index, value, pred):
@@ -179,33 +197,39 @@ def _integrate_grid(problem, config, state0, result0, direction, record, restart
     def step(carry, _):
         # The step counter is carried, not scanned over: an index vector would cost
         # memory proportional to the number of steps.
-        state, result, t_fail, i, h, t_start, k, slots = carry
+        state, result, t_fail, y_max, i, h, t_start, k, slots = carry
         t = grid_time(t_start, h, k)
         if restarts is not None:
             flat_k = i * n + k
             slots = restarts.update(slots, flat_k, state, jnp.array(True), _set_row)
-        state1, _ = solver.step(func, t, h, state, args)
-        bad = ~tree_all_finite(solver.y(state1)) & (result == RESULTS.successful)
+        state1, error = solver.step(func, t, h, state, args)
+        ok = result == RESULTS.successful
+        bad = ~tree_all_finite(solver.y(state1)) & ok
+        y_max, outgrown = parasitic_check(solver, state1, error, y_max, ts.dtype)
         result = RESULTS.where(bad, RESULTS.nonfinite_state, result)
-        t_fail = jnp.where(bad, t, t_fail)
+        result = RESULTS.where(outgrown & ok & ~bad, RESULTS.parasitic_instability, result)
+        # A non-finite state is blamed on the step from t; an outgrown parasitic
+        # component is seen at the time it was measured, t + h.
+        t_fail = jnp.where(ok & bad, t, jnp.where(ok & outgrown, t + h, t_fail))
         # The grid itself is never stored: `grid_step` recomputes (t_k, h_k) from ts.
         rec = solver.checkpoint(state) if record == "states" else None
-        return (state1, result, t_fail, i, h, t_start, k + 1, slots), rec
+        return (state1, result, t_fail, y_max, i, h, t_start, k + 1, slots), rec
 
     def interval(carry, x):
-        state, result, t_fail, slots = carry
+        state, result, t_fail, y_max, slots = carry
         i, h, t_start = x
         k0 = jnp.zeros((), jnp.int32)
-        (state, result, t_fail, *_, slots), rec = jax.lax.scan(
-            step, (state, result, t_fail, i, h, t_start, k0, slots), None, length=n
+        (state, result, t_fail, y_max, *_, slots), rec = jax.lax.scan(
+            step, (state, result, t_fail, y_max, i, h, t_start, k0, slots), None, length=n
         )
-        return (state, result, t_fail, slots), (solver.y(state), rec)
+        return (state, result, t_fail, y_max, slots), (solver.y(state), rec)
 
     t_fail0 = jnp.where(result0 == RESULTS.successful, ts[-1], ts[0])
     slots0 = None if restarts is None else restarts.init(state0)
-    (state, result, t_fail, slots), (ys, recs) = jax.lax.scan(
+    y_max0 = rms_norm(y0, ts.dtype)
+    (state, result, t_fail, _, slots), (ys, recs) = jax.lax.scan(
         interval,
-        (state0, result0, t_fail0, slots0),
+        (state0, result0, t_fail0, y_max0, slots0),
         (jnp.arange(num_intervals, dtype=jnp.int32), hs, ts[:-1]),
     )
     ys = jtu.tree_map(lambda a, b: jnp.concatenate([a[None], b]), y0, ys)
@@ -240,6 +264,7 @@ class _Carry(eqx.Module):
     prev_ratio: jax.Array
     rejected_before: jax.Array
     result: RESULTS
+    y_max: jax.Array  # the largest RMS of y so far (parasitic_check)
     ys: object
     rec: object
     slots: object  # Restarts: (slot steps, slot states, spacing), or None
@@ -306,6 +331,7 @@ def _integrate_while(
             h = jnp.where(reach, remaining, h_try)
         state1, error = solver.step(func, c.t, h, c.state, args)
         finite = tree_all_finite(state1)
+        y_max, outgrown = parasitic_check(solver, state1, error, c.y_max, dtype)
         if adaptive:
             accept, h_next, prev_ratio = controller.adapt(
                 solver.y(c.state), solver.y(state1), error, jnp.abs(h), c.prev_ratio,
@@ -337,6 +363,11 @@ def _integrate_while(
         else:
             failed, code = ~accept, RESULTS.nonfinite_state
         result = RESULTS.where(failed, code, c.result)
+        # Only accepted steps count: a rejected trial may be as wild as it likes.
+        result = RESULTS.where(
+            took & outgrown & (result == RESULTS.successful), RESULTS.parasitic_instability, result
+        )
+        y_max = jnp.where(took, y_max, c.y_max)
         return _Carry(
             t=t,
             h=h_next,
@@ -348,6 +379,7 @@ def _integrate_while(
             prev_ratio=prev_ratio,
             rejected_before=~accept,
             result=result,
+            y_max=y_max,
             ys=ys,
             rec=rec,
             slots=slots,
@@ -365,6 +397,7 @@ def _integrate_while(
         prev_ratio=jnp.ones((), dtype),
         rejected_before=jnp.array(False),
         result=result0,
+        y_max=rms_norm(y0, dtype),
         ys=ys,
         rec=rec,
         slots=slots0,

@@ -9,7 +9,7 @@ import jax.tree_util as jtu
 import numpy as np
 
 from ._controller import ConstantStepSize, PIController
-from ._errors import error_if_failed
+from ._errors import error_if_failed, stall_hint
 from ._gradient import ACA, MALI, AbstractGradient
 from ._loop import Config, Problem
 from ._misc import time_dtype
@@ -147,6 +147,7 @@ def _solve(problem, config, gradient):
             out.stats["num_rejected"],
             out.t_target,
             config.max_steps,
+            stall_hint(config.solver),
         )
     return Solution(ts=problem.ts, ys=ys, result=out.result, stats=out.stats)
 

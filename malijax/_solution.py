@@ -14,6 +14,10 @@ class RESULTS(eqx.Enumeration):
     nonfinite_state = "The state became non-finite (NaN or inf)."
     step_size_underflow = "The adaptive step size underflowed."
     ts_not_monotone = "`ts` is not strictly monotone."
+    parasitic_instability = (
+        "The parasitic component of a reversible solver outgrew the solution (weak "
+        "instability)."
+    )
 
 
 class Solution(eqx.Module):

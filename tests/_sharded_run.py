@@ -77,11 +77,12 @@ def main():
     except Exception as e:  # noqa: BLE001
         out["error"] = str(e)
     # MALI's reconstruction check: one element's rebuilt state is off (z' = diag(-0.5, -5) z,
-    # ALF h = 0.01, T = 4); the warning arrives, and the gradient stays sharded.
+    # ALF h = 0.01, T = 4); the warning arrives, and the gradient stays sharded. (Undamped
+    # ALF is weakly unstable there, which the solve reports: throw=False lets it run on.)
     def contracting(scale):
         ys = mj.odeint(lambda t, z, k: k * jnp.array([-0.5, -5.0]) * z, jnp.ones(2),
                        jnp.array([0.0, 4.0]), scale, solver=mj.ALF(), gradient=mj.MALI(),
-                       step_size=0.01, max_steps=1000)
+                       num_steps=400, throw=False)
         return jnp.sum(ys[-1] ** 2)
 
     scales = jax.device_put(jnp.full(16, 0.25).at[11].set(1.0), batch)

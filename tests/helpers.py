@@ -1,3 +1,5 @@
+import re
+
 import equinox as eqx
 import jax.numpy as jnp
 import jax.random as jr
@@ -61,3 +63,8 @@ class MLPField(eqx.Module):
         del args
         t = jnp.asarray(t).astype(y.dtype)
         return self.w2 @ jnp.tanh(self.w1 @ y + self.b1 + t * self.c) + self.b2
+
+
+def reported_error(message):
+    """The relative error a `ReconstructionWarning`'s message reports."""
+    return float(re.search(r"relative error of ([0-9.e+-]+)", message).group(1))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import malijax as mj
-from helpers import RK_SOLVERS, MLPField, name
+from helpers import RK_SOLVERS, MLPField, name, reported_error
 
 TS = jnp.array([0.0, 0.4, 1.0])
 Y0 = jnp.array([0.3, -0.5, 0.8])
@@ -415,11 +415,13 @@ def _reconstruction_warnings(fn):
 
 def _contracting_grad(gradient, horizon, scale=1.0):
     """z' = diag(-0.5, -5) z with ALF, h = 0.01: undamped ALF's parasitic mode grows like
-    exp(5 T), so MALI's rebuilt states lose digits as the horizon grows."""
+    exp(5 T), so MALI's rebuilt states lose digits as the horizon grows. (The forward
+    reports that weak instability past t ≈ 2; `throw=False` on a `num_steps` grid lets it
+    run on, so that the reconstruction check is what is tested.)"""
     def loss(z0, k):
         ys = mj.odeint(lambda t, z, k: k * jnp.array([-0.5, -5.0]) * z, z0,
                        jnp.array([0.0, horizon]), k, solver=mj.ALF(), gradient=gradient,
-                       step_size=0.01, max_steps=1000)
+                       num_steps=round(100 * horizon), throw=False)
         return jnp.sum(ys[-1] ** 2)
 
     return jax.jit(jax.grad(loss, argnums=(0, 1)))(jnp.array([1.0, 1.0]), jnp.asarray(scale))
@@ -430,7 +432,8 @@ def test_mali_warns_when_its_reconstruction_is_inaccurate():
     got, caught = _reconstruction_warnings(lambda: _contracting_grad(mj.MALI(), 4.0))
     assert _rel(got, direct) > 1e-4  # the warning is warranted (measured: 3.5e-3)
     assert len(caught) == 1, caught
-    assert "relative error of 5" in str(caught[0].message)  # rebuilt z0 off by ~5e-5
+    # Rebuilt z0 off by 4.2e-4 (the rounding of ALF's parasitic mode, amplified ~e^{5T}).
+    assert 1e-5 < reported_error(str(caught[0].message)) < 1e-2, caught[0].message
     assert "gradient=mj.ACA()" in str(caught[0].message)
     # A short horizon rebuilds z0 to rounding and stays silent.
     got, caught = _reconstruction_warnings(lambda: _contracting_grad(mj.MALI(), 1.0))
@@ -449,6 +452,6 @@ def test_mali_reconstruction_warning_reports_the_worst_element_of_a_batch():
         return jax.vmap(lambda s: _contracting_grad(mj.MALI(), 4.0, s))(jnp.array([0.25, 1.0]))
 
     got, caught = _reconstruction_warnings(batch)
-    assert len(caught) == 1 and "relative error of 5" in str(caught[0].message), caught
+    assert len(caught) == 1 and 1e-5 < reported_error(str(caught[0].message)) < 1e-2, caught
     good = _contracting_grad(mj.Direct(), 4.0, 0.25)
     assert _rel(jtu.tree_map(lambda g: g[0], got), good) <= 1e-12

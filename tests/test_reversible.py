@@ -171,8 +171,10 @@ TS_STIFF = f64(0.0, 2.0, 4.0)
 
 
 def _stiff_loss(y0, a, solver, gradient, kw):
+    # Undamped solvers are weakly unstable here, which the forward reports (see
+    # test_stability.py); throw=False lets it run on so that the gradients can be compared.
     ys = mj.odeint(lambda t, y, a: a @ y, y0, TS_STIFF, a, solver=solver, gradient=gradient,
-                   **dict(kw))
+                   throw=False, **dict(kw))
     return jnp.sum(ys[1:] ** 2)
 
 

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import reported_error
 
 STRATEGIES = ["Direct", "ACA", "MALI", "ANODE", "SymplecticAdjoint", "Adjoint"]
 
@@ -50,5 +51,5 @@ def test_data_parallel_example_trains(sharded):
 def test_sharded_mali_reconstruction_warning(sharded):
     # Every device reports the batch's worst element (the same message from each).
     r = sharded["reconstruction"]
-    assert r["messages"] and all("relative error of 5" in m for m in r["messages"]), r
+    assert r["messages"] and all(1e-5 < reported_error(m) < 1e-2 for m in r["messages"]), r
     assert len(set(r["messages"])) == 1 and r["spec"] == "P('batch',)", r

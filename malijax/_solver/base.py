@@ -44,6 +44,13 @@ class AbstractSolver(eqx.Module):
     def y(self, state):
         """The ODE state `y` held in a solver state."""
 
+    def parasitic(self, state, error):
+        """The parasitic component of `state` (just stepped to, with that step's
+        `error`), a pytree like `y`, or `None` for solvers without one. The loop reports
+        a weak instability when it outgrows the solution."""
+        del state, error
+        return None
+
     def checkpoint(self, state):
         """What a checkpointing strategy stores for `state` (default: all of it)."""
         return state

@@ -193,5 +193,11 @@ class Reversible(AbstractReversibleSolver):
             tree_add(gh_p, gh_q),
         )
 
+    def parasitic(self, state, error):
+        """`y - z`: the coupled copies drift apart in the parasitic mode (eigenvalue
+        ≈ λ e^{-hμ}); it stays of the order of a local error while that is below 1."""
+        del error
+        return jtu.tree_map(lambda a, b: a - b, state[0], state[1])
+
     def y(self, state):
         return state[0]

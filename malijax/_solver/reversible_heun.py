@@ -104,5 +104,10 @@ class ReversibleHeun(AbstractReversibleSolver):
         a_yhat = jtu.tree_map(lambda a, b: a + b, a_yhat, jtw)
         return (a_y, a_yhat, jtu.tree_map(jnp.zeros_like, a_fhat)), g_func, g_args, g_t
 
+    def parasitic(self, state, error):
+        """`y - ŷ`: the two copies of the state drift apart in the parasitic mode."""
+        del error
+        return jtu.tree_map(lambda a, b: a - b, state[0], state[1])
+
     def y(self, state):
         return state[0]
