@@ -243,7 +243,8 @@ def odeint(
       MALI gradients; see `benchmarks/results/defaults.md`), `Reversible(rk_solver)`,
       `ALF()`, `ReversibleHeun()`, `Euler()`, `Midpoint()`, `Heun()`, `RK4()`,
       `Bosh3()`, `Dopri5()`, `Tsit5()`.
-    - `gradient`: the gradient strategy, e.g. `Direct()`.
+    - `gradient`: the gradient strategy, e.g. `Direct()` (default: `MALI()` for
+      reversible solvers, with automatic checkpoints; `ACA()` otherwise).
     - `rtol`, `atol`: tolerances for adaptive steps (used when neither `step_size` nor
       `num_steps` is given). The error norm is the RMS over every element of the state.
     - `step_size`: fixed steps of this size; the last step before each output time is
