@@ -26,6 +26,8 @@ REVERSIBLE_RK = tuple(mj.Reversible(s) for s in RK_SOLVERS)
 def name(x):
     if isinstance(x, mj.Reversible):
         return f"Reversible({name(x.solver)},{x.coupling})"
+    if isinstance(x, mj.ANODE) and x.checkpoints is not None:
+        return f"ANODE({x.checkpoints})"
     return type(x).__name__
 
 

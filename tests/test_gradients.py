@@ -79,8 +79,8 @@ def params():
 
 # Every pair on the fixed grid; the adaptive grid for one pair per strategy and solver
 # family in the default suite and the rest under `-m slow` (compile time dominates).
-ADAPTIVE_DEFAULT = {("ALF", "MALI"), ("ReversibleHeun", "MALI"), ("Dopri5", "ACA"), ("Bosh3", "ACA"),
-                    ("Tsit5", "SymplecticAdjoint"), ("Dopri5", "ANODE"),
+ADAPTIVE_DEFAULT = {("ALF", "MALI"), ("ReversibleHeun", "MALI"), ("Dopri5", "ACA"),
+                    ("Tsit5", "SymplecticAdjoint"), ("Dopri5", "ANODE(3)"),
                     ("Reversible(Tsit5,0.5)", "MALI")}
 # Reversible(base) with every base runs under `-m slow`; by default the FSAL bases (Bosh3,
 # Tsit5), whose zero-weight last stage the fused backward skips.
