@@ -20,6 +20,7 @@ import jax.numpy as jnp  # noqa: E402
 import jax.random as jr  # noqa: E402
 
 import malijax as mj  # noqa: E402
+from malijax._odeint import default_solver  # noqa: E402
 
 
 class Field(eqx.Module):
@@ -59,7 +60,7 @@ def _cases():
 
 def _label(gradient, solver):
     if gradient is None:
-        return "default MALI", "Reversible(Tsit5)"
+        return "default MALI", _label(mj.MALI(), default_solver())[1]
     strategy = type(gradient).__name__
     if isinstance(gradient, mj.ANODE):
         strategy += f"({gradient.checkpoints})"
@@ -114,7 +115,7 @@ def main():
             start = time.perf_counter()
             jax.block_until_ready(compiled(params))
             times.append(time.perf_counter() - start)
-        solver_ = mj.Reversible(mj.Tsit5()) if solver is None else solver
+        solver_ = default_solver() if solver is None else solver
         g_direct = g if isinstance(gradient, mj.Direct) else direct(solver_, grid_name, kw, params, y0)
         g32 = jax.grad(loss)(f32(params), f32(y0), solver, gradient, kw)
         g32_direct = direct(solver_, grid_name, kw, f32(params), f32(y0))

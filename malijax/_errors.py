@@ -26,6 +26,11 @@ class ReconstructionWarning(RuntimeWarning):
     error with `warnings.simplefilter("error", mj.ReconstructionWarning)`)."""
 
 
+# Why undamped reversible solvers fail on dissipative problems (both messages say it).
+WEAK_INSTABILITY = (
+    "on a dissipative problem an undamped reversible solver's second, parasitic mode grows "
+    "like exp(|λ|t) whatever the step"
+)
 WEAK_INSTABILITY_CURES = (
     "Cures: a damped reversible solver (mj.Reversible(mj.Tsit5()) with its default "
     "coupling < 1, or ALF(eta=0.9)), whose MALI gradients stay exact with "
@@ -38,9 +43,8 @@ def stall_hint(solver):
     dissipative problems for a reason other than stiffness."""
     if getattr(solver, "inverse_amplification", None) == 1:
         return (
-            f" {type(solver).__name__} is undamped and only weakly stable: on a dissipative "
-            "problem its parasitic mode grows like exp(|λ|t) whatever the step, and the "
-            "controller shrinks the step trying to contain it; that, rather than "
+            f" {type(solver).__name__} is undamped and only weakly stable: {WEAK_INSTABILITY},"
+            " and the controller shrinks the step trying to contain it; that, rather than "
             f"stiffness, is the likely cause. {WEAK_INSTABILITY_CURES}"
         )
     return ""
@@ -49,20 +53,17 @@ def stall_hint(solver):
 def _message(code, t, n_steps, n_rejected, t_target, max_steps, hint=""):
     where = f"at t={t:.9g} after {n_steps} accepted and {n_rejected} rejected steps"
     if code == RESULTS.max_steps_reached._value:
-        if hint:
-            return (f"malijax: max_steps={max_steps} reached {where}, before the output time "
-                    f"t={t_target:.9g}.{hint}")
         return (
             f"malijax: max_steps={max_steps} reached {where}, before the output time "
-            f"t={t_target:.9g}. Increase `max_steps`, loosen `rtol`/`atol`, or check "
-            "whether the problem is stiff (explicit solvers then need tiny steps)."
+            f"t={t_target:.9g}."
+            + (hint or " Increase `max_steps`, loosen `rtol`/`atol`, or check whether the "
+               "problem is stiff (explicit solvers then need tiny steps).")
         )
     if code == RESULTS.parasitic_instability._value:
         return (
             f"malijax: the reversible solver's parasitic component outgrew the solution "
-            f"{where} (weak instability: on a dissipative problem an undamped reversible "
-            "solver's second, parasitic mode grows like exp(|λ|t) whatever the step, so the "
-            f"answer would be wrong). {WEAK_INSTABILITY_CURES}"
+            f"{where} (weak instability: {WEAK_INSTABILITY}, so the answer would be wrong). "
+            f"{WEAK_INSTABILITY_CURES}"
         )
     if code == RESULTS.nonfinite_state._value:
         return (

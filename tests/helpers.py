@@ -23,6 +23,11 @@ RK_SOLVERS = tuple(s for s in ALL_SOLVERS if isinstance(s, mj.AbstractRungeKutta
 REVERSIBLE_RK = tuple(mj.Reversible(s) for s in RK_SOLVERS)
 
 
+def f64(*xs):
+    """A float64 vector of the given numbers."""
+    return jnp.array(xs, jnp.float64)
+
+
 def name(x):
     if isinstance(x, mj.Reversible):
         return f"Reversible({name(x.solver)},{x.coupling})"

@@ -11,13 +11,9 @@ import pytest
 
 import malijax as mj
 from malijax._loop import Config, Problem, Restarts, integrate
-from helpers import RK_SOLVERS, name
+from helpers import RK_SOLVERS, f64, name
 
 EPS = float(jnp.finfo(jnp.float64).eps)
-
-
-def f64(*xs):
-    return jnp.array(xs, jnp.float64)
 
 
 # --------------------------------------------------------------------------------------

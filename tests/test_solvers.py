@@ -17,13 +17,10 @@ import pytest
 
 import malijax as mj
 
-from helpers import ADAPTIVE_SOLVERS, ALL_SOLVERS, REVERSIBLE_RK, REVERSIBLE_SOLVERS, RK_SOLVERS, name
+from helpers import (ADAPTIVE_SOLVERS, ALL_SOLVERS, REVERSIBLE_RK, REVERSIBLE_SOLVERS, RK_SOLVERS, f64,
+                     name)
 
 EPS = float(np.finfo(np.float64).eps)
-
-
-def f64(*x):
-    return jnp.array(x, dtype=jnp.float64)
 
 
 # --------------------------------------------------------------------------------------

@@ -8,11 +8,7 @@ import numpy as np
 import pytest
 
 import malijax as mj
-from helpers import MLPField, name
-
-
-def f64(*xs):
-    return jnp.array(xs, jnp.float64)
+from helpers import MLPField, f64, name
 
 
 def decay(t, y, a):
