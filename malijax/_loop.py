@@ -43,6 +43,9 @@ class Config(eqx.Module):
     num_steps: int | None = eqx.field(static=True)
     max_steps: int = eqx.field(static=True)
     throw: bool = eqx.field(static=True)
+    # Sum parameter cotangents over a vmapped batch inside the reverse sweep
+    # (`malijax._batching`): set when `vmap` is the innermost transformation at the call.
+    sum_over_batch: bool = eqx.field(static=True, default=False)
 
 
 class Restarts(eqx.Module):
@@ -166,7 +169,8 @@ def integrate(problem, config, *, kind="lax", record=None, checkpoints=None, res
 
     `kind="checkpointed"` (with `checkpoints`, None for one per step) runs even a
     `num_steps` grid in the while loop, so that it is reverse-differentiated with
-    online binomial checkpointing."""
+    online binomial checkpointing; `kind="remat"` runs a `num_steps` grid as a scan
+    of `jax.checkpoint`ed steps."""
     func, y0, ts, args = problem.func, problem.y0, problem.ts, problem.args
     solver = config.solver
     num_out = ts.shape[0]
@@ -179,14 +183,18 @@ def integrate(problem, config, *, kind="lax", record=None, checkpoints=None, res
         tree_all_finite(state0) | ~ts_ok, result0, RESULTS.nonfinite_state
     )
     if num_out == 1 or (config.controller is None and kind != "checkpointed"):
-        return _integrate_grid(problem, config, state0, result0, direction, record, restarts)
+        return _integrate_grid(
+            problem, config, state0, result0, direction, record, restarts, remat=kind == "remat"
+        )
     return _integrate_while(
         problem, config, state0, result0, direction, kind, record, checkpoints, restarts
     )
 
 
-def _integrate_grid(problem, config, state0, result0, direction, record, restarts):
-    """`num_steps=N`: a static grid, run as nested `lax.scan`s (differentiable)."""
+def _integrate_grid(problem, config, state0, result0, direction, record, restarts, *, remat=False):
+    """`num_steps=N`: a static grid, run as nested `lax.scan`s (differentiable). With
+    `remat` each step is `jax.checkpoint`ed: its backward keeps only the step's input
+    state and recomputes the step (ANODE's scheme), by JAX's own AD."""
     del direction
     func, y0, ts, args = problem.func, problem.y0, problem.ts, problem.args
     solver = config.solver
@@ -215,6 +223,9 @@ def _integrate_grid(problem, config, state0, result0, direction, record, restart
         # The grid itself is never stored: `grid_step` recomputes (t_k, h_k) from ts.
         rec = solver.checkpoint(state) if record == "states" else None
         return (state1, result, t_fail, y_max, i, h, t_start, k + 1, slots), rec
+
+    if remat:
+        step = jax.checkpoint(step)
 
     def interval(carry, x):
         state, result, t_fail, y_max, slots = carry

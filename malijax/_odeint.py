@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 
+from ._batching import innermost_is_vmap
 from ._controller import ConstantStepSize, PIController
 from ._errors import error_if_failed, stall_hint
 from ._gradient import ACA, MALI, AbstractGradient
@@ -207,6 +208,7 @@ def run(func, y0, ts, args, *, solver, gradient, rtol, atol, step_size, num_step
         num_steps=num_steps,
         max_steps=max_steps,
         throw=throw,
+        sum_over_batch=innermost_is_vmap(),
     )
     gradient.check(solver, config)
     return _solve(Problem(func, y0, ts, args), config, gradient)

@@ -19,7 +19,7 @@ def getkey():
 # `--dist loadfile` hands each of the two workers whole files in this order, so they
 # finish together instead of one starting a long file as the other runs out of work.
 _HEAVIEST_FIRST = ["test_gradients.py", "test_notebooks.py", "test_nn.py", "test_defaults.py",
-                   "test_sharding.py", "test_odeint.py"]
+                   "test_sharding.py", "test_batching.py", "test_odeint.py"]
 
 
 def pytest_collection_modifyitems(items):

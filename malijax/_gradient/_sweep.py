@@ -20,6 +20,18 @@ between the two is the segment's reconstruction error (reported by the strategy'
 `report_reconstruction`, worst segment first). The cotangents are untouched: the stored
 and the rebuilt state stand for the same point of the same map.
 
+Batches: under `grad(vmap(solve))` JAX runs this backward under `vmap` and only
+afterwards sums the cotangents of unbatched inputs, so a sweep carrying `∂L/∂θ` would
+carry one per example (`B × |θ|`, and `B` outer products per step). Instead, when the
+call found `vmap` innermost (`Config.sum_over_batch`), every VJP of `func` in the sweep
+is `malijax._batching.value_and_vjp`, a `custom_vmap` whose batching rule takes the VJP
+of the vmapped step (`vjp(vmap(f))`, one contraction over the batch, exactly the
+backward of one batched state) and returns unbatched parameter cotangents; `accumulate`
+keeps the carried totals unbatched, and the adaptive while loop runs on an unbatched
+condition (`any_over_batch`), idling finished elements with zero cotangents. One
+mechanism at the level of the VJP, so every strategy and solver inherits it; why it is
+chosen at the call, and its limits, are in `malijax/_batching.py`.
+
 Second derivatives: the backward is JVP-able, so `jax.hessian` (forward-over-reverse)
 works everywhere; reverse-over-reverse needs a `num_steps` grid (a `scan` both ways),
 because the adaptive forward is a `lax.while_loop`.
@@ -35,6 +47,7 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 
+from .._batching import accumulate, any_over_batch, summing, summing_over_batch, value_and_vjp
 from .._loop import LoopOutput, Problem, grid_step, integrate
 from .._misc import cotangent_or_zeros, tree_add, tree_where, tree_zeros_like
 
@@ -122,7 +135,8 @@ def _solve_bwd(residuals, grad_obj, perturbed, diff, config, strategy):
     num_out = diff[3].shape[0]
     ys_like = jtu.tree_map(lambda y: jax.ShapeDtypeStruct((num_out,) + y.shape, y.dtype), diff[0])
     ct_ys = cotangent_or_zeros(grad_obj[0], ys_like)
-    return reverse_sweep(strategy, diff, config, trajectory, final_state, ct_ys)
+    with summing_over_batch(config.sum_over_batch):
+        return reverse_sweep(strategy, diff, config, trajectory, final_state, ct_ys)
 
 
 def reverse_sweep(strategy, diff, config, traj, final_state, ct_ys):
@@ -168,8 +182,8 @@ def reverse_sweep(strategy, diff, config, traj, final_state, ct_ys):
             j = jnp.maximum(out, 0)
             ct_ts = ct_ts.at[j].add(jnp.where(ends, ct_t1 + g_h, 0))
             ct_t0 = jnp.where(ends, g_t - g_h, g_t + ct_t1)
-        ct_func = tree_add(ct_func, g_func)
-        ct_args = tree_add(ct_args, g_args)
+        ct_func = accumulate(func, ct_func, g_func)
+        ct_args = accumulate(args, ct_args, g_args)
         return x0, ct_x0, ct_func, ct_args, ct_t0, ct_ts, worst
 
     # The final state: its output cotangent, then the strategy's prologue (for the
@@ -196,8 +210,8 @@ def reverse_sweep(strategy, diff, config, traj, final_state, ct_ys):
     carry = (
         x_final,
         ct_x_final,
-        tree_add(tree_zeros_like(func), g_func_n),
-        tree_add(tree_zeros_like(args), g_args_n),
+        accumulate(func, tree_zeros_like(func), g_func_n),
+        accumulate(args, tree_zeros_like(args), g_args_n),
         g_t_n,  # ∂L/∂t_N so far
         ct_ts0,
         (jnp.zeros((), ts.dtype), ts[-1]),  # worst reconstruction error, and where
@@ -219,27 +233,41 @@ def reverse_sweep(strategy, diff, config, traj, final_state, ct_ys):
 
         def while_body(c):
             k, inner = c
-            return k - 1, step_back(k, inner)
+            if not summing():
+                return k - 1, step_back(k, inner)
+            # Summing over a vmapped batch, the loop runs (unbatched condition) until
+            # the element with the most steps is done; the others idle at step 0 with
+            # a zero cotangent, so their share of the parameter totals is exactly zero,
+            # and keep their own carry.
+            active = k >= 0
+            x1, ct_x1, *rest = inner
+            ct_x1 = tree_where(active, ct_x1, tree_zeros_like(ct_x1))
+            new = step_back(jnp.maximum(k, 0), (x1, ct_x1, *rest))
+            kept = tree_where(active, new, inner)
+            ct_params = (new[2], new[3])  # shared totals: not selected per element
+            return k - 1, (*kept[:2], *ct_params, *kept[4:])
 
-        _, carry = jax.lax.while_loop(
-            lambda c: c[0] >= 0, while_body, (traj.num_steps - 1, carry)
-        )
+        def cond(c):
+            return any_over_batch(c[0] >= 0) if summing() else c[0] >= 0
+
+        _, carry = jax.lax.while_loop(cond, while_body, (traj.num_steps - 1, carry))
     x0_rebuilt, ct_x0, ct_func, ct_args, ct_t0, ct_ts, worst = carry
     ct_ts = ct_ts.at[0].add(ct_t0)
 
     # Through x_0 = to_carry(init(func, t0, y0, args)) (for ALF: v0 = f(t0, z0)).
-    def init_map(y0, func, args, t0):
-        return strategy.initial_carry(solver, solver.init(func, t0, y0, args))
+    def init_map(params, y0, t0):
+        return strategy.initial_carry(solver, solver.init(params[0], t0, y0, params[1]))
 
-    x0, pull_init = eqx.filter_vjp(init_map, y0, func, args, ts[0])
+    x0, (g_func, g_args), (ct_y0, g_t0) = value_and_vjp(init_map, (func, args), (y0, ts[0]), ct_x0)
     if strategy.reconstructs:
         worst = _worse(worst, relative_difference(x0_rebuilt, x0), ts[0])
         strategy.report_reconstruction(*worst, dtype=jnp.result_type(*jtu.tree_leaves(x0)))
-    ct_y0, g_func, g_args, g_t0 = pull_init(ct_x0)
     ct_y0 = tree_add(ct_y0, jtu.tree_map(lambda c: c[0], ct_ys))
     if not grid and num_out > 1:
         # All ts equal: the while loop takes no steps and every output is y0.
         same = ts[-1] == ts[0]
         ct_y0 = tree_add(ct_y0, jtu.tree_map(lambda c: jnp.where(same, jnp.sum(c[1:], 0), 0), ct_ys))
     ct_ts = ct_ts.at[0].add(jnp.zeros_like(ts[0]) if g_t0 is None else g_t0)
-    return (ct_y0, tree_add(ct_func, g_func), tree_add(ct_args, g_args), ct_ts)
+    ct_func = accumulate(func, ct_func, g_func)
+    ct_args = accumulate(args, ct_args, g_args)
+    return (ct_y0, ct_func, ct_args, ct_ts)

@@ -1,6 +1,6 @@
-import equinox as eqx
 import jax.tree_util as jtu
 
+from .._batching import value_and_vjp
 from ._sweep import add_output_cotangent, solve_with_custom_vjp
 from .base import AbstractGradient
 
@@ -58,7 +58,8 @@ class ACA(AbstractGradient):
             state1, _ = solver.step(func, t, h, state, args)
             return solver.checkpoint(state1)
 
-        _, pull = eqx.filter_vjp(local, c0, func, args, t, h)
-        ct_c0, g_func, g_args, g_t, g_h = pull(ct_x1)
+        _, (g_func, g_args), (ct_c0, g_t, g_h) = value_and_vjp(
+            lambda p, c, t, h: local(c, *p, t, h), (func, args), (c0, t, h), ct_x1
+        )
         return c0, ct_c0, g_func, g_args, g_t, g_h
 

@@ -3,6 +3,7 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 
+from .._batching import call_field, summing_over_batch, value_and_vjp
 from .._controller import PIController
 from .._errors import error_if_failed
 from .._loop import Config, LoopOutput, Problem, integrate
@@ -94,6 +95,14 @@ def _solve_fwd(perturbed, diff, config, strategy):
 @_solve.def_bwd
 def _solve_bwd(ys, grad_obj, perturbed, diff, config, strategy):
     del perturbed
+    # On a num_steps grid every element of a vmapped batch takes the same backward
+    # steps, so a_θ can be one array, summed over the batch stage by stage
+    # (malijax/_batching.py); with per-element adaptive steps it stays per example.
+    with summing_over_batch(config.sum_over_batch and config.controller is None):
+        return _backward(ys, grad_obj, diff, config, strategy)
+
+
+def _backward(ys, grad_obj, diff, config, strategy):
     y0, func, args, ts = diff
     ct_ys = cotangent_or_zeros(grad_obj[0], ys)
     bconfig = strategy.backward_config(config)
@@ -102,11 +111,7 @@ def _solve_bwd(ys, grad_obj, perturbed, diff, config, strategy):
     def augmented(t, state, _):
         z, a, _, _, _ = state
 
-        def f(t, z, func, args):
-            return func(t, z, args)
-
-        fz, pull = eqx.filter_vjp(f, t, z, func, args)
-        g_t, g_z, g_func, g_args = pull(a)
+        fz, (g_func, g_args), (g_t, g_z) = value_and_vjp(call_field, (func, args), (t, z), a)
         g_t = jnp.zeros_like(t) if g_t is None else g_t
         neg = lambda tree: jtu.tree_map(lambda x: -x, tree)  # noqa: E731
         return (fz, neg(g_z), neg(g_func), neg(g_args), -g_t)

@@ -21,6 +21,13 @@ class ANODE(AbstractGradient):
       checkpoint holds one solver state; under adaptive stepping the buffers are sized
       by `max_steps`.
 
+    **Under `vmap`.** `checkpoints=None` on a `num_steps` grid runs as a scan of
+    `jax.checkpoint`ed steps, differentiated by JAX itself, so `grad(vmap(...))`
+    contracts the parameter cotangent over the batch as for one batched state. The
+    binomial loop (an int `checkpoints`, or adaptive steps) is Equinox's own custom
+    VJP, whose backward under `vmap` keeps one parameter cotangent per example (memory
+    `B x |θ|`; measured in `benchmarks/batching.py`).
+
     ??? cite "Reference"
         Gholami, Keutzer & Biros, "ANODE: Unconditionally accurate memory-efficient
         gradients for neural ODEs", IJCAI 2019. Griewank & Walther, "Algorithm 799:
@@ -37,6 +44,11 @@ class ANODE(AbstractGradient):
             raise ValueError(f"ANODE(checkpoints=...) must be None or an int >= 1, got {self.checkpoints!r}.")
 
     def apply(self, problem, config):
+        if self.checkpoints is None and config.controller is None:
+            # One stored state per step on a static grid: a scan of jax.checkpoint'ed
+            # steps, differentiated by JAX itself, so that under vmap the parameter
+            # cotangent is contracted over the batch (malijax/_batching.py).
+            return integrate(problem, config, kind="remat")
         if self.checkpoints is None:
             num_out = problem.ts.shape[0]
             steps = config.max_steps if config.controller is not None else (

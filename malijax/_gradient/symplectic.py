@@ -1,6 +1,7 @@
-import equinox as eqx
 import jax.numpy as jnp
 import jax.tree_util as jtu
+
+from .._batching import call_field, value_and_vjp
 
 from .._misc import tree_add, tree_dot, tree_lincomb
 from .._solver import AbstractRungeKutta
@@ -72,10 +73,11 @@ class SymplecticAdjoint(ACA):
             dk = jtu.tree_map(lambda l: (h * tab.b[i]).astype(l.dtype) * l, lam1)
             if acc[i] is not None:
                 dk = tree_add(dk, acc[i])
-            k_i, pull = eqx.filter_vjp(f, t + tab.c[i] * h, xs[i], func, args)
+            k_i, (gf_i, ga_i), (gt_i, dx_i) = value_and_vjp(
+                call_field, (func, args), (t + tab.c[i] * h, xs[i]), dk
+            )
             if i == s_used - 1:
                 k_last = k_i  # the one stage value the recompute did not produce
-            gt_i, dx_i, gf_i, ga_i = pull(dk)
             gt_i = jnp.zeros((), dtype) if gt_i is None else gt_i
             lam0 = tree_add(lam0, dx_i)
             g_func, g_args = tree_add(g_func, gf_i), tree_add(g_args, ga_i)

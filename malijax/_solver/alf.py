@@ -3,9 +3,10 @@
 import math
 from typing import ClassVar
 
-import equinox as eqx
 import jax.numpy as jnp
 import jax.tree_util as jtu
+
+from .._batching import call_field as _call, value_and_vjp
 
 from .._misc import tree_dot
 from .base import AbstractReversibleSolver
@@ -107,12 +108,11 @@ class ALF(AbstractReversibleSolver):
         half = 0.5 * h
         x_m = jtu.tree_map(lambda a, b: a - half.astype(a.dtype) * b, z1, v1)
         t_m = self._midpoint(t, h)
-        u, pull = eqx.filter_vjp(lambda t_m, x, func, args: func(t_m, x, args), t_m, x_m, func, args)
-        v0 = jtu.tree_map(lambda vi, ui: (vi - 2 * eta * ui) / (1 - 2 * eta), v1, u)
-        z0 = jtu.tree_map(lambda a, b: a - half.astype(a.dtype) * b, x_m, v0)
         g = jtu.tree_map(lambda av, az: av + half.astype(az.dtype) * az, a_v, a_z)
         w = jtu.tree_map(lambda gi: 2 * eta * gi, g)
-        g_tm, jtw, g_func, g_args = pull(w)
+        u, (g_func, g_args), (g_tm, jtw) = value_and_vjp(_call, (func, args), (t_m, x_m), w)
+        v0 = jtu.tree_map(lambda vi, ui: (vi - 2 * eta * ui) / (1 - 2 * eta), v1, u)
+        z0 = jtu.tree_map(lambda a, b: a - half.astype(a.dtype) * b, x_m, v0)
         a_xm = jtu.tree_map(lambda a, b: a + b, a_z, jtw)
         a_v0 = jtu.tree_map(
             lambda gi, ax: (1 - 2 * eta) * gi + half.astype(ax.dtype) * ax, g, a_xm

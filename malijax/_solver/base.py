@@ -13,6 +13,8 @@ import equinox as eqx
 import jax
 import jax.tree_util as jtu
 
+from .._batching import value_and_vjp
+
 
 class AbstractSolver(eqx.Module):
     """Base class of every solver.
@@ -93,12 +95,14 @@ class AbstractReversibleSolver(AbstractSolver):
         del h_prev
         state0 = self.inverse(func, t, h, state1, args)
 
-        def step(state, func, args, t, h):
-            return self.step(func, t, h, state, args)[0]
+        def step(params, state, t, h):
+            return self.step(params[0], t, h, state, params[1])[0]
 
-        _, pull = eqx.filter_vjp(step, state0, func, args, t, h)
-        ct_state0, *rest = pull(ct_state1)
-        return (state0, self.add_y_cotangent(state0, ct_state0, ct_y0), *rest)
+        _, (g_func, g_args), (ct_state0, g_t, g_h) = value_and_vjp(
+            step, (func, args), (state0, t, h), ct_state1
+        )
+        ct_state0 = self.add_y_cotangent(state0, ct_state0, ct_y0)
+        return state0, ct_state0, g_func, g_args, g_t, g_h
 
     def inverse_vjp_prologue(self, func, t, h_last, state, ct_state, args):
         """Adjust the final state's cotangent before the reverse sweep (default: no-op).

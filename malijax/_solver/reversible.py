@@ -5,6 +5,8 @@ import equinox as eqx
 import jax.numpy as jnp
 import jax.tree_util as jtu
 
+from .._batching import value_and_vjp
+
 from .._misc import tree_add
 from .base import AbstractReversibleSolver
 from .runge_kutta import AbstractRungeKutta
@@ -169,19 +171,19 @@ class Reversible(AbstractReversibleSolver):
         a_y1, a_z1 = ct_state1
         lam = self.coupling
 
-        def backward(t, h, u, func, args):
-            return self._increment(func, t + h, -h, u, args)[0]
+        def backward(params, t, h, u):
+            return self._increment(params[0], t + h, -h, u, params[1])[0]
 
-        def forward(t, h, u, func, args):
-            return self._increment(func, t, h, u, args)[0]
+        def forward(params, t, h, u):
+            return self._increment(params[0], t, h, u, params[1])[0]
 
-        p, pull_p = eqx.filter_vjp(backward, t, h, y1, func, args)
+        p, (gf_p, ga_p), (gt_p, gh_p, jp) = value_and_vjp(
+            backward, (func, args), (t, h, y1), jtu.tree_map(jnp.negative, a_z1)
+        )
         z0 = tree_add(z1, p)
-        gt_p, gh_p, jp, gf_p, ga_p = pull_p(jtu.tree_map(jnp.negative, a_z1))
         a_y1 = tree_add(a_y1, jp)
-        q, pull_q = eqx.filter_vjp(forward, t, h, z0, func, args)
+        q, (gf_q, ga_q), (gt_q, gh_q, jq) = value_and_vjp(forward, (func, args), (t, h, z0), a_y1)
         y0 = self._uncouple(y1, z0, q)
-        gt_q, gh_q, jq, gf_q, ga_q = pull_q(a_y1)
         a_y0 = jtu.tree_map(lambda a, c: lam * a + c, a_y1, ct_y0)
         a_z0 = jtu.tree_map(lambda a, b, c: a + (1 - lam) * b + c, a_z1, a_y1, jq)
         return (

@@ -2,9 +2,10 @@
 
 from typing import ClassVar
 
-import equinox as eqx
 import jax.numpy as jnp
 import jax.tree_util as jtu
+
+from .._batching import call_field as _call, value_and_vjp
 
 from .._misc import tree_dot
 
@@ -75,20 +76,19 @@ class ReversibleHeun(AbstractReversibleSolver):
         y1, yhat1, fhat1 = state1
         a_y1, a_yhat1, _ = ct_state1
         yhat0 = jtu.tree_map(lambda a, b, f: 2 * a - b - h.astype(a.dtype) * f, y1, yhat1, fhat1)
-        fhat0, pull = eqx.filter_vjp(lambda t, x, func, args: func(t, x, args), t, yhat0, func, args)
-        y0 = jtu.tree_map(lambda a, f0, f1: a - (0.5 * h).astype(a.dtype) * (f0 + f1), y1, fhat0, fhat1)
         # Linear part of the step: ŷ1 = 2y - ŷ + h f̂0, y1 = y + (h/2)(f̂0 + f̂1).
         a_y0 = jtu.tree_map(lambda a, b, c: a + 2 * b + c, a_y1, a_yhat1, ct_y0)
         a_yhat0 = jtu.tree_map(lambda b: -b, a_yhat1)
         a_fhat0 = jtu.tree_map(
             lambda b, a: h.astype(b.dtype) * b + (0.5 * h).astype(a.dtype) * a, a_yhat1, a_y1
         )
+        # f̂0 also enters the step before: y0 = y_prev + (h_prev/2)(f̂_prev + f̂0).
+        total = jtu.tree_map(lambda c, a: c + (0.5 * h_prev).astype(a.dtype) * a, a_fhat0, a_y0)
+        fhat0, (g_func, g_args), (g_t, jtw) = value_and_vjp(_call, (func, args), (t, yhat0), total)
+        y0 = jtu.tree_map(lambda a, f0, f1: a - (0.5 * h).astype(a.dtype) * (f0 + f1), y1, fhat0, fhat1)
         g_h = tree_dot(a_yhat1, fhat0, h.dtype) + 0.5 * tree_dot(
             a_y1, jtu.tree_map(lambda a, b: a + b, fhat0, fhat1), h.dtype
         )
-        # f̂0 also enters the step before: y0 = y_prev + (h_prev/2)(f̂_prev + f̂0).
-        total = jtu.tree_map(lambda c, a: c + (0.5 * h_prev).astype(a.dtype) * a, a_fhat0, a_y0)
-        g_t, jtw, g_func, g_args = pull(total)
         a_yhat0 = jtu.tree_map(lambda a, b: a + b, a_yhat0, jtw)
         zero = jtu.tree_map(jnp.zeros_like, fhat0)
         # g_t is ∂L/∂t0 through f̂0 = f(t0, ŷ0): the time the step before ended on.
@@ -98,9 +98,8 @@ class ReversibleHeun(AbstractReversibleSolver):
         """Pull the final state's `f̂_N = f(t_N, ŷ_N)` back, as `inverse_vjp` expects."""
         y, yhat, fhat = state
         a_y, a_yhat, a_fhat = ct_state
-        _, pull = eqx.filter_vjp(lambda t, x, func, args: func(t, x, args), t, yhat, func, args)
         total = jtu.tree_map(lambda c, a: c + (0.5 * h_last).astype(a.dtype) * a, a_fhat, a_y)
-        g_t, jtw, g_func, g_args = pull(total)
+        _, (g_func, g_args), (g_t, jtw) = value_and_vjp(_call, (func, args), (t, yhat), total)
         a_yhat = jtu.tree_map(lambda a, b: a + b, a_yhat, jtw)
         return (a_y, a_yhat, jtu.tree_map(jnp.zeros_like, a_fhat)), g_func, g_args, g_t
 

@@ -15,6 +15,9 @@ class NeuralODE(eqx.Module):
     `eqx.filter_grad` / `eqx.filter_value_and_grad` differentiate θ through whichever
     `gradient` strategy is chosen, and `jax.vmap(model)` runs a batch (each example
     then takes its own adaptive steps; on a `num_steps` grid they share the grid).
+    Differentiated outside the `vmap` (`grad(lambda m: loss(jax.vmap(m)(ys)))`), the
+    batch's gradient costs what one batched state costs: the parameter cotangent is
+    contracted over the batch inside each step (`benchmarks/batching.py`).
 
     **Arguments:** `vector_field`; `t0`, `t1` the integration interval; and the
     solver keywords of [`malijax.odeint`][] (`solver`, `gradient`, `rtol`, `atol`,
