@@ -20,7 +20,10 @@ rtol 1e-6, atol 1e-9, float64, to t = 1; the gradient of Σ y(1)² w.r.t. the ρ
 `vmap` of `odeint` with ACA, and of `diffeqsolve` with RecursiveCheckpointAdjoint, at
 `max_steps` 4096 (both libraries' default) and 64 (the steps taken are 48-55).
 
-    python benchmarks/batching.py           # both parts (~25 min on 2 cores)
+Part 3, a CNF: the memory of the mean `log_prob`'s gradient against the batch
+(`log_prob` vmaps itself over the examples), per extra example.
+
+    python benchmarks/batching.py           # all three parts (~30 min on 2 cores)
     python benchmarks/batching.py --quick   # B = 64, width 64, 3 rounds
 """
 
@@ -109,17 +112,17 @@ def _dfx_losses(adjoint, grid, static, y0s):
     kw = dict(dt0=1 / 64, stepsize_controller=diffrax.ConstantStepSize()) if grid == "N=64" else \
         dict(dt0=None, stepsize_controller=diffrax.PIDController(rtol=1e-3, atol=1e-6), max_steps=256)
 
-    def solve(m, y, field):
+    def solve(m, y, field):  # the model goes in as args: BacksolveAdjoint needs that
         return diffrax.diffeqsolve(diffrax.ODETerm(field), diffrax.Tsit5(), 0.0, 1.0, y0=y,
-                                   adjoint=adjoint(), **kw).ys[-1]
+                                   args=m, adjoint=adjoint(), **kw).ys[-1]
 
     def batched(p):
         m = eqx.combine(p, static)
-        return jnp.mean(solve(m, y0s, lambda t, y, a: jax.vmap(m)(y)) ** 2)
+        return jnp.mean(solve(m, y0s, lambda t, y, m: jax.vmap(m)(y)) ** 2)
 
     def vmapped(p):
         m = eqx.combine(p, static)
-        return jnp.mean(jax.vmap(lambda y: solve(m, y, lambda t, y, a: m(y)))(y0s) ** 2)
+        return jnp.mean(jax.vmap(lambda y: solve(m, y, lambda t, y, m: m(y)))(y0s) ** 2)
 
     return batched, vmapped, "Tsit5"
 
@@ -231,10 +234,41 @@ def _lorenz_md(r):
             f"{r['mem']:.2f} | {rel} |")
 
 
+# ------------------------------------------------------------ part 3: CNF log-likelihood
+
+
+def cnf_memory(batches, out):
+    """`mj.nn.CNF(MLPField(2, 64), 2)` with the defaults (Reversible(Tsit5) + MALI,
+    adaptive) and exact traces, float32: the gradient of the mean `log_prob` over a batch
+    (vmapped per example inside `log_prob`), its temporary memory against the batch."""
+    cnf = mj.nn.CNF(mj.nn.MLPField(2, 64, key=jr.key(0), dtype=jnp.float32), 2)
+    params, static = eqx.partition(cnf, eqx.is_array)
+    rows = []
+    for batch in batches:
+        x = jr.normal(jr.key(1), (batch, 2), jnp.float32)
+
+        def loss(p, x=x):
+            return -jnp.mean(eqx.combine(p, static).log_prob(x))
+
+        compiled = jax.jit(jax.grad(loss)).lower(params).compile()
+        t = _time({"g": compiled}, {id(compiled): (params,)}, 3)["g"]
+        rows.append((batch, _mib(compiled), 1e3 * t))
+        print(f"  CNF B={batch}: {rows[-1][1]:.2f} MiB, {rows[-1][2]:.1f} ms", flush=True)
+    (b0, m0, _), (b1, m1, _) = rows[0], rows[-1]
+    out.extend([
+        "| batch | gradient temp MiB | gradient ms |",
+        "|---|---|---|",
+    ] + [f"| {b} | {m:.2f} | {t:.1f} |" for b, m, t in rows] + [
+        "",
+        f"Memory per extra example: {(m1 - m0) * 2**10 / (b1 - b0):.2f} KiB "
+        f"(from B = {b0} to {b1}).",
+    ])
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--part", choices=["1", "2", "both"], default="both")
+    parser.add_argument("--part", choices=["1", "2", "3", "all"], default="all")
     opts = parser.parse_args()
     rounds = 3 if opts.quick else 5
     out = [
@@ -247,19 +281,23 @@ def main():
         "rounds; memory is XLA's temporary memory of the jitted gradient.",
         "",
     ]
-    if opts.part in ("1", "both"):
+    if opts.part in ("1", "all"):
         out += ["## Neural ODE (float32)", ""]
         if opts.quick:
             neural_ode([64], [64], ["N=64", "adaptive"], rounds, out)
         else:
             neural_ode([256, 512], [64, 256], ["N=64", "adaptive"], rounds, out)
         out.append("")
-    if opts.part in ("2", "both"):
+    if opts.part in ("2", "all"):
         out += ["## Lorenz ensemble (float64)", ""]
         lorenz_ensemble([64] if opts.quick else [256, 1024], rounds, out)
         out.append("")
+    if opts.part in ("3", "all"):
+        out += ["## CNF log-likelihood (float32, defaults, exact trace)", ""]
+        cnf_memory([16, 64] if opts.quick else [64, 512], out)
+        out.append("")
     name = "batching_quick.md" if opts.quick else "batching.md"
-    if opts.part != "both":
+    if opts.part != "all":
         name = name.replace(".md", f"_part{opts.part}.md")
     (RESULTS / name).write_text("\n".join(out) + "\n")
     print(f"wrote {RESULTS / name}")

@@ -12,11 +12,9 @@ state for MALI, 5× for ACA).
 `eqx.filter_vjp`. Its batching rule takes the VJP of the *vmapped* function,
 `vjp(vmap(f))` rather than `vmap(vjp(f))`: JAX's transpose of the batched matrix
 products contracts over the batch for the unbatched weights (one BLAS product, the
-backward of one batched state), and the rule returns those cotangents unbatched.
-`accumulate` adds into the sweep's carried totals and sums, also through a
-`custom_vmap` rule, any contribution that still arrives batched, so the totals stay one
-array; `any_over_batch` keeps a while loop's condition unbatched, since a batched
-condition would batch every carried value. Letting XLA sum per-example outer products
+backward of one batched state), and the rule returns those cotangents unbatched, so
+the sweep's carried totals stay one array. `any_over_batch` keeps a while loop's
+condition unbatched, since a batched condition would batch every carried value. Letting XLA sum per-example outer products
 (`vmap(vjp)` and then a sum) was measured first: the memory matched, but XLA lowers
 batched outer products to elementwise loops, 1.4× slower than the contraction.
 
@@ -71,13 +69,18 @@ _SUMMING = contextvars.ContextVar("malijax_sum_over_batch", default=False)
 
 @contextlib.contextmanager
 def summing_over_batch(on):
-    """While a reverse sweep is traced: whether `value_and_vjp` and `accumulate` sum
-    parameter cotangents over a vmapped batch (`Config.sum_over_batch`)."""
+    """While a reverse sweep is traced: whether `value_and_vjp` sums parameter
+    cotangents over a vmapped batch (`Config.sum_over_batch`)."""
     token = _SUMMING.set(bool(on))
     try:
         yield
     finally:
         _SUMMING.reset(token)
+
+
+def _per_example(x, batched, size):
+    """`x` with a leading batch axis of `size` (broadcast if it has none)."""
+    return x if batched else jnp.broadcast_to(x, (size,) + x.shape)
 
 
 def call_field(params, t, y):
@@ -120,7 +123,7 @@ def value_and_vjp(fn, params, primals, ct):
         d_closed, d_params, d_primals, d_ct = dynamic
 
         def per_example(x, b):
-            return x if b else jnp.broadcast_to(x, (axis_size,) + x.shape)
+            return _per_example(x, b, axis_size)
 
         def axis(b):
             return 0 if b else None
@@ -148,58 +151,24 @@ def value_and_vjp(fn, params, primals, ct):
     return call(dynamic)
 
 
-@custom_vmap
-def _accumulate_leaf(primal, total, g):
-    del primal
-    return total + g
-
-
-@_accumulate_leaf.def_vmap
-def _accumulate_rule(axis_size, in_batched, primal, total, g):
-    del primal
-    primal_batched, total_batched, g_batched = in_batched
-    if primal_batched:  # per-example parameters: per-example cotangents
-        def per_example(x, b):
-            return x if b else jnp.broadcast_to(x, (axis_size,) + x.shape)
-
-        return per_example(total, total_batched) + per_example(g, g_batched), True
-    total = jnp.sum(total, 0) if total_batched else total
-    return total + (jnp.sum(g, 0) if g_batched else g), False
-
-
-def accumulate(primal, total, g):
-    """`total + g` leaf by leaf (`None` is zero). In a summing sweep under `vmap`, the
-    cotangent of an unbatched `primal` leaf is summed over the batch as it is added, so
-    that the carried total stays one array whatever computed `g` (contributions from
-    `value_and_vjp` already arrive summed)."""
-    if g is None or total is None:
-        return g if total is None else total
-    summing = _SUMMING.get()
-
-    def leaf(t, x, p):
-        if x is None:
-            return t
-        if t is None:
-            t = jnp.zeros_like(x)
-        return _accumulate_leaf(p, t, x) if summing else t + x
-
-    return jtu.tree_map(leaf, total, g, primal, is_leaf=lambda x: x is None)
-
-
 def summing():
     """Whether the sweep being traced sums parameter cotangents over a batch."""
     return _SUMMING.get()
 
 
-@custom_vmap
 def any_over_batch(pred):
     """`pred` itself, or under `vmap` one unbatched `any` over the batch: a loop whose
     condition stays unbatched keeps its unbatched carry (a batched condition would
     batch every carried value, the parameter totals included)."""
+    return _any_over_batch(pred)
+
+
+@custom_vmap
+def _any_over_batch(pred):
     return pred
 
 
-@any_over_batch.def_vmap
+@_any_over_batch.def_vmap
 def _any_rule(axis_size, in_batched, pred):
     del axis_size
     (batched,) = in_batched

@@ -125,6 +125,25 @@ def test_second_derivative_under_vmap():
     assert max_rel_err(hvp, want) < 1e-10
 
 
+@pytest.mark.parametrize("solver,gradient", [pytest.param(mj.ALF(), mj.MALI(), id="ALF-MALI"),
+                                             pytest.param(mj.Tsit5(), mj.ACA(), id="Tsit5-ACA",
+                                                          marks=SLOW)])
+def test_reverse_over_reverse_under_vmap(solver, gradient):
+    """grad of a function of grad(vmap(.)) on a num_steps grid: the summing rules are
+    only used where something is batched, so reverse mode never meets a custom_vmap."""
+    field = MLPField(2, 8, jr.PRNGKey(0))
+
+    def one(y):
+        return jnp.sum(mj.odeint(field, y, TS, solver=solver, gradient=gradient, num_steps=4)[-1] ** 2)
+
+    def batch_loss(y0s):
+        return jnp.sum(jax.vmap(one)(y0s))
+
+    got = jax.grad(lambda y: jnp.sum(jax.grad(batch_loss)(y) ** 2))(Y0S)
+    want = jnp.stack([jax.grad(lambda y: jnp.sum(jax.grad(one)(y) ** 2))(y) for y in Y0S])
+    assert max_rel_err(got, want) < 1e-12
+
+
 def test_innermost_transformation_is_detected():
     """The mechanism depends on telling `grad(vmap(.))` from `vmap(grad(.))` at the
     call; a JAX upgrade that breaks the detection fails here rather than silently

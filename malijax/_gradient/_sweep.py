@@ -26,8 +26,8 @@ carry one per example (`B × |θ|`, and `B` outer products per step). Instead, w
 call found `vmap` innermost (`Config.sum_over_batch`), every VJP of `func` in the sweep
 is `malijax._batching.value_and_vjp`, a `custom_vmap` whose batching rule takes the VJP
 of the vmapped step (`vjp(vmap(f))`, one contraction over the batch, exactly the
-backward of one batched state) and returns unbatched parameter cotangents; `accumulate`
-keeps the carried totals unbatched, and the adaptive while loop runs on an unbatched
+backward of one batched state) and returns unbatched parameter cotangents, so the
+carried totals stay unbatched; the adaptive while loop runs on an unbatched
 condition (`any_over_batch`), idling finished elements with zero cotangents. One
 mechanism at the level of the VJP, so every strategy and solver inherits it; why it is
 chosen at the call, and its limits, are in `malijax/_batching.py`.
@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 
-from .._batching import accumulate, any_over_batch, summing, summing_over_batch, value_and_vjp
+from .._batching import any_over_batch, summing, summing_over_batch, value_and_vjp
 from .._loop import LoopOutput, Problem, grid_step, integrate
 from .._misc import cotangent_or_zeros, tree_add, tree_where, tree_zeros_like
 
@@ -182,8 +182,8 @@ def reverse_sweep(strategy, diff, config, traj, final_state, ct_ys):
             j = jnp.maximum(out, 0)
             ct_ts = ct_ts.at[j].add(jnp.where(ends, ct_t1 + g_h, 0))
             ct_t0 = jnp.where(ends, g_t - g_h, g_t + ct_t1)
-        ct_func = accumulate(func, ct_func, g_func)
-        ct_args = accumulate(args, ct_args, g_args)
+        ct_func = tree_add(ct_func, g_func)
+        ct_args = tree_add(ct_args, g_args)
         return x0, ct_x0, ct_func, ct_args, ct_t0, ct_ts, worst
 
     # The final state: its output cotangent, then the strategy's prologue (for the
@@ -210,8 +210,8 @@ def reverse_sweep(strategy, diff, config, traj, final_state, ct_ys):
     carry = (
         x_final,
         ct_x_final,
-        accumulate(func, tree_zeros_like(func), g_func_n),
-        accumulate(args, tree_zeros_like(args), g_args_n),
+        tree_add(tree_zeros_like(func), g_func_n),
+        tree_add(tree_zeros_like(args), g_args_n),
         g_t_n,  # ∂L/∂t_N so far
         ct_ts0,
         (jnp.zeros((), ts.dtype), ts[-1]),  # worst reconstruction error, and where
@@ -268,6 +268,6 @@ def reverse_sweep(strategy, diff, config, traj, final_state, ct_ys):
         same = ts[-1] == ts[0]
         ct_y0 = tree_add(ct_y0, jtu.tree_map(lambda c: jnp.where(same, jnp.sum(c[1:], 0), 0), ct_ys))
     ct_ts = ct_ts.at[0].add(jnp.zeros_like(ts[0]) if g_t0 is None else g_t0)
-    ct_func = accumulate(func, ct_func, g_func)
-    ct_args = accumulate(args, ct_args, g_args)
+    ct_func = tree_add(ct_func, g_func)
+    ct_args = tree_add(ct_args, g_args)
     return (ct_y0, ct_func, ct_args, ct_ts)
