@@ -127,7 +127,7 @@ def _dfx_losses(adjoint, grid, static, y0s):
     return batched, vmapped, "Tsit5"
 
 
-def neural_ode(batches, widths, grids, rounds, out):
+def neural_ode(batches, widths, grids, rounds, out, only=None):
     rows = []
     for width in widths:
         mlp = eqx.nn.MLP(DIM, DIM, width, 1, activation=jnp.tanh, key=jr.key(0), dtype=jnp.float32)
@@ -135,8 +135,9 @@ def neural_ode(batches, widths, grids, rounds, out):
         for batch in batches:
             y0s = jr.normal(jr.key(1), (batch, DIM), jnp.float32)
             for grid in grids:
-                cases = [("malijax", s, _mj_losses(s, grid, static, y0s)) for s in MJ_ROWS]
-                if diffrax is not None:
+                cases = [("malijax", s, _mj_losses(s, grid, static, y0s)) for s in MJ_ROWS
+                         if only is None or s in only]
+                if diffrax is not None and only is None:
                     cases += [("diffrax", name, _dfx_losses(adj, grid, static, y0s)) for name, adj in
                               [("RecursiveCheckpoint", diffrax.RecursiveCheckpointAdjoint),
                                ("Backsolve", diffrax.BacksolveAdjoint)]]
@@ -269,6 +270,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--part", choices=["1", "2", "3", "all"], default="all")
+    parser.add_argument("--only", nargs="+", choices=list(MJ_ROWS),
+                        help="part 1: only these malijax strategies (and no Diffrax rows)")
     opts = parser.parse_args()
     rounds = 3 if opts.quick else 5
     out = [
@@ -284,9 +287,9 @@ def main():
     if opts.part in ("1", "all"):
         out += ["## Neural ODE (float32)", ""]
         if opts.quick:
-            neural_ode([64], [64], ["N=64", "adaptive"], rounds, out)
+            neural_ode([64], [64], ["N=64", "adaptive"], rounds, out, opts.only)
         else:
-            neural_ode([256, 512], [64, 256], ["N=64", "adaptive"], rounds, out)
+            neural_ode([256, 512], [64, 256], ["N=64", "adaptive"], rounds, out, opts.only)
         out.append("")
     if opts.part in ("2", "all"):
         out += ["## Lorenz ensemble (float64)", ""]
@@ -297,8 +300,8 @@ def main():
         cnf_memory([16, 64] if opts.quick else [64, 512], out)
         out.append("")
     name = "batching_quick.md" if opts.quick else "batching.md"
-    if opts.part != "all":
-        name = name.replace(".md", f"_part{opts.part}.md")
+    if opts.part != "all" or opts.only:
+        name = name.replace(".md", f"_part{opts.part}{'_' + '_'.join(opts.only) if opts.only else ''}.md")
     (RESULTS / name).write_text("\n".join(out) + "\n")
     print(f"wrote {RESULTS / name}")
 

@@ -36,9 +36,11 @@ innermost and the backward keeps per-example cotangents (correct, not cheaper): 
 `jit` outside `vmap`. Nested `vmap`s sum over the innermost batch. The check reads
 JAX's current trace through `jax.extend.core.find_top_trace` and the private
 `BatchTrace` class; `tests/test_batching.py` pins it. Strategies outside the sweep:
-`ANODE` is batch-aware only as a scan of `jax.checkpoint`ed steps (`num_steps`, no
-binomial `checkpoints`), the `Adjoint` only on `num_steps` grids (its `a_θ` is part of
-the backward ODE's state, integrated with each element's own adaptive steps).
+`ANODE()` is a scan of `jax.checkpoint`ed steps on `num_steps` grids (JAX's own AD of
+the batched program contracts) and ACA's sweep otherwise, but `ANODE(checkpoints=c)` is
+Equinox's binomial loop, whose own custom VJP keeps per-example cotangents; the
+`Adjoint` sums only on `num_steps` grids (its `a_θ` is part of the backward ODE's state,
+integrated with each element's own adaptive steps).
 """
 
 import contextlib

@@ -1,4 +1,5 @@
 from .._loop import integrate
+from .aca import ACA
 from .base import AbstractGradient
 
 
@@ -6,27 +7,28 @@ class ANODE(AbstractGradient):
     """Checkpointed discretise-then-optimise (Gholami, Keutzer & Biros, IJCAI 2019).
 
     Backprop through the solver's operations like `Direct`, but storing only
-    checkpoints of the loop state and recomputing the steps between them in the
-    backward pass (`equinox.internal.while_loop(kind="checkpointed")`, online binomial
-    checkpointing in the style of revolve/treeverse). Exact for the computed
-    discretisation.
+    checkpoints of the state and recomputing the steps between them in the backward
+    pass (one per step, or with `checkpoints=c`
+    `equinox.internal.while_loop(kind="checkpointed")`'s online binomial checkpointing
+    in the style of revolve/treeverse). Exact for the computed discretisation.
 
     **Arguments:**
 
     - `checkpoints`: `None` stores a checkpoint at every step (ANODE's scheme: memory of
-      one loop state per step, each step recomputed once). An int `c` uses binomial
+      one state per step, each step recomputed once): on a `num_steps` grid a scan of
+      `jax.checkpoint`ed steps, otherwise `ACA`'s reverse sweep, which is that same
+      computation over the accepted steps. An int `c` uses binomial
       checkpointing with `c` checkpoints: memory of `c` states, at the cost of
       recomputing steps roughly `log(N)/log(c)` times (with `c` ~ log N, O(N log N)
       work). The loop state includes the solver state, so with `num_steps` each
       checkpoint holds one solver state; under adaptive stepping the buffers are sized
       by `max_steps`.
 
-    **Under `vmap`.** `checkpoints=None` on a `num_steps` grid runs as a scan of
-    `jax.checkpoint`ed steps, differentiated by JAX itself, so `grad(vmap(...))`
-    contracts the parameter cotangent over the batch as for one batched state. The
-    binomial loop (an int `checkpoints`, or adaptive steps) is Equinox's own custom
-    VJP, whose backward under `vmap` keeps one parameter cotangent per example (memory
-    `B x |θ|`; measured in `benchmarks/batching.py`).
+    **Under `vmap`.** With `checkpoints=None`, `grad(vmap(...))` contracts the parameter
+    cotangent over the batch as for one batched state (JAX's own AD of the scan, or
+    the sweep's, `malijax/_batching.py`). The binomial loop (an int `checkpoints`) is
+    Equinox's own custom VJP, whose backward under `vmap` keeps one parameter cotangent
+    per example (memory `B x |θ|`).
 
     ??? cite "Reference"
         Gholami, Keutzer & Biros, "ANODE: Unconditionally accurate memory-efficient
@@ -50,11 +52,8 @@ class ANODE(AbstractGradient):
             # cotangent is contracted over the batch (malijax/_batching.py).
             return integrate(problem, config, kind="remat")
         if self.checkpoints is None:
-            num_out = problem.ts.shape[0]
-            steps = config.max_steps if config.controller is not None else (
-                config.num_steps * max(num_out - 1, 1)
-            )
-            checkpoints = steps  # one per step
-        else:
-            checkpoints = self.checkpoints
-        return integrate(problem, config, kind="checkpointed", checkpoints=checkpoints)
+            # One stored state per accepted step, each step recomputed once: exactly
+            # ACA's sweep, which also keeps memory to the solver's checkpoint (not the
+            # whole loop state) and is batch-aware.
+            return ACA().apply(problem, config)
+        return integrate(problem, config, kind="checkpointed", checkpoints=self.checkpoints)
