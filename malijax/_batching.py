@@ -14,9 +14,12 @@ state for MALI, 5× for ACA).
 products contracts over the batch for the unbatched weights (one BLAS product, the
 backward of one batched state), and the rule returns those cotangents unbatched, so
 the sweep's carried totals stay one array. `any_over_batch` keeps a while loop's
-condition unbatched, since a batched condition would batch every carried value. Letting XLA sum per-example outer products
-(`vmap(vjp)` and then a sum) was measured first: the memory matched, but XLA lowers
-batched outer products to elementwise loops, 1.4× slower than the contraction.
+condition unbatched, since a batched condition would batch every carried value.
+Letting XLA sum per-example outer products (`vmap(vjp)` and then a sum) was measured
+first: the memory matched, but XLA lowers batched outer products to elementwise loops,
+1.4× slower than the contraction. Nothing else in the sweep may be a `custom_vmap`: one
+whose inputs are all unbatched is handed on to the enclosing transformation, and
+reverse-over-reverse cannot linearise it (a summing accumulator did exactly that).
 
 **When it is right to sum.** Summing inside is only correct where JAX would sum
 afterwards: when `vmap` is applied *inside* the differentiation (`grad(vmap(solve))`,
@@ -158,19 +161,15 @@ def summing():
     return _SUMMING.get()
 
 
+@custom_vmap
 def any_over_batch(pred):
     """`pred` itself, or under `vmap` one unbatched `any` over the batch: a loop whose
     condition stays unbatched keeps its unbatched carry (a batched condition would
     batch every carried value, the parameter totals included)."""
-    return _any_over_batch(pred)
-
-
-@custom_vmap
-def _any_over_batch(pred):
     return pred
 
 
-@_any_over_batch.def_vmap
+@any_over_batch.def_vmap
 def _any_rule(axis_size, in_batched, pred):
     del axis_size
     (batched,) = in_batched

@@ -33,7 +33,8 @@ GRID_ONLY = [(mj.RK4(), mj.ANODE()), (mj.Tsit5(), mj.Adjoint())]
 SLOW = pytest.mark.slow
 # By default: every strategy on a grid once, the adaptive sweep with ACA and the default
 # (Reversible(Tsit5) + MALI); the other combinations under -m slow.
-FAST = {("Tsit5", "ACA", "num_steps"), ("ALF", "MALI", "num_steps"), ("RK4", "ANODE", "num_steps"),
+# (ANODE on a grid is JAX's own AD of the batched scan, so it is under -m slow.)
+FAST = {("Tsit5", "ACA", "num_steps"), ("ALF", "MALI", "num_steps"),
         ("Tsit5", "Adjoint", "num_steps"), ("Tsit5", "ACA", "adaptive"), ("Reversible(Tsit5,0.5)", "MALI", "adaptive")}
 
 
@@ -45,7 +46,7 @@ def _case(s, g, grid):
 CASES = [_case(s, g, "num_steps") for s, g in SWEEP_CASES + GRID_ONLY] + [
     _case(s, g, "adaptive") for s, g in SWEEP_CASES + [(mj.Tsit5(), mj.ANODE())]
 ]
-PER_EXAMPLE = [pytest.param(*SWEEP_CASES[0], id="Tsit5-ACA"),
+PER_EXAMPLE = [pytest.param(*SWEEP_CASES[0], id="Tsit5-ACA", marks=SLOW),
                pytest.param(*SWEEP_CASES[1], id="Tsit5-SymplecticAdjoint", marks=SLOW),
                pytest.param(*SWEEP_CASES[2], id="ALF-MALI")]
 
