@@ -83,11 +83,6 @@ def summing_over_batch(on):
         _SUMMING.reset(token)
 
 
-def _per_example(x, batched, size):
-    """`x` with a leading batch axis of `size` (broadcast if it has none)."""
-    return x if batched else jnp.broadcast_to(x, (size,) + x.shape)
-
-
 def call_field(params, t, y):
     """`func(t, y, args)` with `params = (func, args)`, as `value_and_vjp` calls it."""
     func, args = params
@@ -127,8 +122,8 @@ def value_and_vjp(fn, params, primals, ct):
         (b_closed, b_params, b_primals, b_ct), = in_batched
         d_closed, d_params, d_primals, d_ct = dynamic
 
-        def per_example(x, b):
-            return _per_example(x, b, axis_size)
+        def per_example(x, b):  # x with a leading batch axis (broadcast if it has none)
+            return x if b else jnp.broadcast_to(x, (axis_size,) + x.shape)
 
         def axis(b):
             return 0 if b else None

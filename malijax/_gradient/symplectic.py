@@ -2,7 +2,6 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 
 from .._batching import call_field, value_and_vjp
-
 from .._misc import tree_add, tree_dot, tree_lincomb
 from .._solver import AbstractRungeKutta
 from .aca import ACA
@@ -52,9 +51,6 @@ class SymplecticAdjoint(ACA):
         used = [tab.b[i] != 0 or any(tab.a[m - 1][i] != 0 for m in range(i + 1, s))
                 for i in range(s)]
         s_used = max(i for i in range(s) if used[i]) + 1
-
-        def f(t, x, func, args):
-            return func(t, x, args)
 
         # Recompute the stage inputs X_i without a graph: s_used - 1 evaluations.
         xs, ks = [y], []

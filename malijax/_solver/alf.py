@@ -7,7 +7,6 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 
 from .._batching import call_field as _call, value_and_vjp
-
 from .._misc import tree_dot
 from .base import AbstractReversibleSolver
 

@@ -6,7 +6,6 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 
 from .._batching import value_and_vjp
-
 from .._misc import tree_add
 from .base import AbstractReversibleSolver
 from .runge_kutta import AbstractRungeKutta
