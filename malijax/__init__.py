@@ -10,6 +10,7 @@ from ._gradient import ACA as ACA
 from ._gradient import Adjoint as Adjoint
 from ._gradient import ANODE as ANODE
 from ._gradient import Direct as Direct
+from ._gradient import ForwardMode as ForwardMode
 from ._gradient import MALI as MALI
 from ._gradient import SymplecticAdjoint as SymplecticAdjoint
 from ._odeint import odeint as odeint

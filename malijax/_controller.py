@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 
-from ._misc import rms_norm, stop_gradient_tree
+from ._misc import magnitude, rms_norm, stop_gradient_tree
 
 
 def _error_scale(atol, rtol, y0, y1):
@@ -55,7 +55,7 @@ class PIController(eqx.Module):
         scale = jtu.tree_map(lambda y: self.atol + self.rtol * jnp.abs(y), part(y0))
 
         def ratio(tree):
-            return rms_norm(jtu.tree_map(lambda x, s: x / s, part(tree), scale), dtype)
+            return rms_norm(jtu.tree_map(lambda x, s: magnitude(x) / s, part(tree), scale), dtype)
 
         f0 = func(t0, y0, args)
         d0, d1 = ratio(y0), ratio(f0)
@@ -78,7 +78,7 @@ class PIController(eqx.Module):
         if self.select is not None:
             y0, y1, error = self.select(y0), self.select(y1), self.select(error)
         scale = _error_scale(self.atol, self.rtol, y0, y1)
-        r = rms_norm(jtu.tree_map(lambda e, s: e / s, error, scale), dtype)
+        r = rms_norm(jtu.tree_map(lambda e, s: magnitude(e) / s, error, scale), dtype)
         r = jnp.where(finite & jnp.isfinite(r), r, jnp.inf)
         accept = r <= 1
         safe_r = jnp.maximum(r, 1e-10)

@@ -17,6 +17,8 @@ can keep whole solver states at a few steps in a fixed number of *restart slots*
 (`Restarts`), from which a reconstructing strategy (MALI) restarts its inverse.
 """
 
+import os
+
 import equinox as eqx
 import equinox.internal as eqxi
 import jax
@@ -46,6 +48,21 @@ class Config(eqx.Module):
     # Sum parameter cotangents over a vmapped batch inside the reverse sweep
     # (`malijax._batching`): set when `vmap` is the innermost transformation at the call.
     sum_over_batch: bool = eqx.field(static=True, default=False)
+    # How many reverse-mode differentiations surround the call (`malijax._transforms`).
+    reverse_levels: int = eqx.field(static=True, default=0)
+    # How failure messages name the step bound: (description, keyword), e.g. compat's
+    # `mxstep`; None for `max_steps`.
+    limit: tuple | None = eqx.field(static=True, default=None)
+    # The user's line that called the solve, for MALI's ReconstructionWarning
+    # (`_errors.call_site`); set only for strategies that rebuild states.
+    call_site: tuple | None = eqx.field(static=True, default=None)
+
+    def while_kind(self, absorbed):
+        """The kind of while loop to run: `"lax"`, unless more reverse-mode
+        differentiations surround the call than the strategy's own custom VJP absorbs
+        (`absorbed`: 1 for a custom VJP, 0 without), so that JAX will transpose the
+        loop; then `"bounded"` (reverse-differentiable, slower)."""
+        return "bounded" if self.reverse_levels > absorbed else "lax"
 
 
 class Restarts(eqx.Module):
@@ -150,6 +167,36 @@ def grid_step(ts, n, k):
     return grid_time(ts[i], h, m), h, jnp.where(m == n - 1, i + 1, -1)
 
 
+def device_memory_bytes():
+    """The memory of the default device: its allocator's limit where it reports one
+    (GPUs), else the machine's physical memory (CPU)."""
+    try:
+        stats = jax.devices()[0].memory_stats() or {}
+    except Exception:  # noqa: BLE001 - not every backend implements memory_stats
+        stats = {}
+    if "bytes_limit" in stats:
+        return int(stats["bytes_limit"])
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_buffer_memory(max_steps, row):
+    """Refuse at trace time to record `max_steps` copies of `row` (one per step) when
+    they alone would exceed the device's memory: compiled, such a solve would die
+    allocating them (`RESOURCE_EXHAUSTED`), even if it takes only a few steps."""
+    row_bytes = sum(x.size * x.dtype.itemsize for x in jtu.tree_leaves(row))
+    total, limit = max_steps * row_bytes, device_memory_bytes()
+    if total > limit:
+        raise ValueError(
+            f"malijax: this gradient strategy records each step in buffers sized by "
+            f"max_steps={max_steps}: {max_steps} rows of {row_bytes} bytes = "
+            f"{total / 2**30:.1f} GiB, more than the {limit / 2**30:.1f} GiB of device memory "
+            "(and a vmapped batch multiplies it). Lower `max_steps` to what the solve "
+            "needs; or take a strategy whose memory does not grow with `max_steps`: MALI "
+            "with a reversible solver (the default), ANODE(checkpoints=c) (binomial), or "
+            "Direct; or a `num_steps` grid (one row per step actually taken)."
+        )
+
+
 def _nan_buffer(shape, like):
     return jtu.tree_map(lambda x: jnp.full(shape + x.shape, jnp.nan, x.dtype), like)
 
@@ -159,7 +206,8 @@ def _ts_ok(ts):
         return jnp.array(True), jnp.zeros((), ts.dtype)
     diffs = ts[1:] - ts[:-1]
     direction = jnp.sign(ts[-1] - ts[0])
-    ok = jnp.all(direction * diffs > 0) | jnp.all(diffs == 0)
+    # Weakly monotone: repeated times are zero-length intervals (padded sequences).
+    ok = jnp.all(direction * diffs >= 0) & ((direction != 0) | jnp.all(diffs == 0))
     return ok, direction
 
 
@@ -182,6 +230,15 @@ def integrate(problem, config, *, kind="lax", record=None, checkpoints=None, res
     result0 = RESULTS.where(
         tree_all_finite(state0) | ~ts_ok, result0, RESULTS.nonfinite_state
     )
+    # Traced tolerances and step sizes are only known now (concrete ones were checked
+    # at the call); NaN fails too.
+    controller = config.controller
+    if isinstance(controller, PIController):
+        tol_ok = (jnp.asarray(controller.rtol) > 0) & (jnp.asarray(controller.atol) > 0)
+        result0 = RESULTS.where(tol_ok, result0, RESULTS.invalid_tolerance)
+    elif isinstance(controller, ConstantStepSize):
+        h_ok = jnp.asarray(controller.step_size) > 0
+        result0 = RESULTS.where(h_ok, result0, RESULTS.invalid_step_size)
     if num_out == 1 or (config.controller is None and kind != "checkpointed"):
         return _integrate_grid(
             problem, config, state0, result0, direction, record, restarts, remat=kind == "remat"
@@ -317,6 +374,8 @@ def _integrate_while(
     rec = None
     if record is not None:
         checkpoint = solver.checkpoint(state0) if record == "states" else None
+        row = (jnp.zeros((), dtype), jnp.zeros((), dtype), jnp.zeros((), jnp.int32), checkpoint)
+        check_buffer_memory(max_steps, row)
         rec = (
             jnp.zeros((max_steps,), dtype),
             jnp.zeros((max_steps,), dtype),
@@ -337,9 +396,16 @@ def _integrate_while(
         else:
             remaining = t_target - c.t
             h_try = direction * c.h
-            tiny = 100 * eps * jnp.maximum(jnp.abs(t_target), jnp.abs(c.t))
+            # A step within `tiny` of an output time is stretched onto it, sparing a
+            # sliver of a step later, but not right after a rejection: the shrunk
+            # step would be stretched back to the size just rejected, and retried
+            # unchanged until max_steps (a livelock, seen in float32 next to a
+            # discontinuity at an output time).
+            tiny = jnp.where(
+                c.rejected_before, 0, 100 * eps * jnp.maximum(jnp.abs(t_target), jnp.abs(c.t))
+            )
             reach = jnp.abs(remaining) <= jnp.abs(h_try) + tiny
-            zero = remaining == 0  # only when all of ts are equal: the identity
+            zero = remaining == 0  # a repeated output time: land again, take no step
             h = jnp.where(reach, remaining, h_try)
         state1, error = solver.step(func, c.t, h, c.state, args)
         finite = tree_all_finite(state1)
@@ -369,7 +435,8 @@ def _integrate_while(
         if restarts is not None:
             slots = restarts.update(slots, c.num_steps, c.state, took, _write)
         if adaptive:
-            floor = 10 * eps * jnp.maximum(jnp.abs(c.t), jnp.abs(t_target))
+            # The smallest step that still moves t: a couple of units in the last place.
+            floor = 2 * eps * jnp.maximum(jnp.abs(c.t), jnp.abs(t_target))
             failed = ~accept & (h_next <= floor)
             code = RESULTS.where(finite, RESULTS.step_size_underflow, RESULTS.nonfinite_state)
         else:

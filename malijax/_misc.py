@@ -45,7 +45,10 @@ def tree_where(pred, on_true, on_false):
 
 def tree_dot(a, b, dtype):
     """Σ over leaves of `sum(a * b)`, accumulated in `dtype` (e.g. the time dtype)."""
-    terms = [jnp.sum(x * y).astype(dtype) for x, y in zip(jtu.tree_leaves(a), jtu.tree_leaves(b))]
+    # The real part: the cotangent of a real time through a complex state.
+    terms = [
+        jnp.real(jnp.sum(x * y)).astype(dtype) for x, y in zip(jtu.tree_leaves(a), jtu.tree_leaves(b))
+    ]
     return sum(terms, jnp.zeros((), dtype))
 
 
@@ -81,15 +84,26 @@ def rms_norm(tree, dtype):
     size = sum(x.size for x in leaves)
     if size == 0:
         return jnp.zeros((), dtype)
-    total = sum(jnp.sum(jnp.square(x.astype(dtype))) for x in leaves)
+    total = sum(jnp.sum(jnp.square(magnitude(x).astype(dtype))) for x in leaves)
     return jnp.sqrt(total / size)
+
+
+def magnitude(x):
+    """`|x|` for complex arrays (error norms measure complex states by modulus), else `x`."""
+    return jnp.abs(x) if jnp.iscomplexobj(x) else x
+
+
+def real_dtype(dtype):
+    """float32 for complex64, float64 for complex128, itself for a floating dtype."""
+    return jnp.finfo(dtype).dtype
 
 
 def time_dtype(ts_dtype, y0):
     """Times are kept in at least the precision of the state (DESIGN.md §2): the most
-    precise floating dtype among `ts` and the leaves of `y0`. (Chosen explicitly:
-    `jnp.promote_types` refuses float32/float64 under strict promotion.)"""
-    dtypes = [jnp.dtype(ts_dtype)] + [jnp.dtype(x.dtype) for x in jtu.tree_leaves(y0)]
+    precise floating dtype among `ts` and the leaves of `y0` (for complex leaves, their
+    real dtype). (Chosen explicitly: `jnp.promote_types` refuses float32/float64 under
+    strict promotion.)"""
+    dtypes = [real_dtype(ts_dtype)] + [real_dtype(x.dtype) for x in jtu.tree_leaves(y0)]
     return max(dtypes, key=lambda d: (jnp.finfo(d).bits, jnp.finfo(d).nmant))
 
 

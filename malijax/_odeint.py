@@ -10,11 +10,12 @@ import numpy as np
 
 from ._batching import innermost_is_vmap
 from ._controller import ConstantStepSize, PIController
-from ._errors import error_if_failed, stall_hint
+from ._errors import Report, call_site, error_if_failed, solve_errors_raised_plainly, stall_hint
 from ._gradient import ACA, MALI, AbstractGradient
 from ._loop import Config, Problem
 from ._misc import time_dtype
 from ._solution import Solution
+from ._transforms import forward_mode_innermost, reverse_levels
 from ._solver import AbstractReversibleSolver, AbstractSolver, Reversible, Tsit5
 
 
@@ -65,10 +66,10 @@ def _validate(func, y0, ts, args, solver, gradient, rtol, atol, step_size, num_s
     if _is_concrete(ts):
         t = np.asarray(ts)
         d = np.diff(t)
-        if t.size > 1 and not (np.all(d > 0) or np.all(d < 0) or np.all(d == 0)):
+        if t.size > 1 and not (np.all(d >= 0) or np.all(d <= 0)):
             raise ValueError(
-                "`ts` must be strictly increasing or strictly decreasing "
-                f"(got {t.tolist() if t.size <= 10 else t})."
+                "`ts` must be nondecreasing or nonincreasing (repeated times are "
+                f"zero-length intervals; got {t.tolist() if t.size <= 10 else t})."
             )
         if not np.all(np.isfinite(t)):
             raise ValueError("`ts` must be finite.")
@@ -77,13 +78,13 @@ def _validate(func, y0, ts, args, solver, gradient, rtol, atol, step_size, num_s
     if not leaves:
         raise ValueError("`y0` must contain at least one array.")
     for path, leaf in jtu.tree_leaves_with_path(y0):
-        if isinstance(leaf, float):
-            continue  # a Python float becomes a default-precision array
-        if not hasattr(leaf, "dtype") or not jnp.issubdtype(leaf.dtype, jnp.floating):
+        if isinstance(leaf, (float, complex)):
+            continue  # a Python float or complex becomes a default-precision array
+        if not hasattr(leaf, "dtype") or not jnp.issubdtype(leaf.dtype, jnp.inexact):
             dt = getattr(leaf, "dtype", type(leaf).__name__)
             raise TypeError(
-                f"`y0{jtu.keystr(path)}` must be a floating-point array, got {dt}; "
-                "convert it, e.g. with jnp.asarray(y0, dtype=float)."
+                f"`y0{jtu.keystr(path)}` must be a floating-point or complex array, got "
+                f"{dt}; convert it, e.g. with jnp.asarray(y0, dtype=float)."
             )
     # grid keywords
     if step_size is not None and num_steps is not None:
@@ -111,11 +112,17 @@ def _validate(func, y0, ts, args, solver, gradient, rtol, atol, step_size, num_s
     return ts, adaptive
 
 
-def _check_func(func, y0, t0, args):
+def _trace_func(func, y0, t0, args):
+    """Trace `func(t0, y0, args)` once: check what it returns against `y0`, and return
+    the arrays it holds or closes over (for `reverse_levels`). An exception raised by
+    `func` keeps its type, with a note saying where malijax called it."""
     try:
-        out = jax.eval_shape(func, t0, y0, args)
-    except Exception as e:  # noqa: BLE001 - re-raised with context
-        raise TypeError(f"Calling `func(t, y, args)` at (ts[0], y0) failed: {e}") from e
+        converted = eqx.filter_closure_convert(func, t0, y0, args)
+        out = converted.out_struct  # (traced here if func closes over nothing)
+    except Exception as e:
+        e.add_note("(malijax: raised by `func(t, y, args)`, called at (ts[0], y0) to check "
+                   "what it returns.)")
+        raise
     y_struct, out_struct = jtu.tree_structure(y0), jtu.tree_structure(out)
     if y_struct != out_struct:
         raise ValueError(
@@ -133,6 +140,7 @@ def _check_func(func, y0, t0, args):
                 f"`func` returned dtype {o.dtype} for y{jtu.keystr(path)}, which has "
                 f"dtype {y.dtype}; the derivative must keep the state's dtype."
             )
+    return (func, getattr(converted, "consts", ()))  # no closure: nothing closed over
 
 
 @eqx.filter_jit
@@ -140,6 +148,7 @@ def _solve(problem, config, gradient):
     out = gradient.apply(problem, config)
     ys = out.ys
     if config.throw:
+        report = Report(config.max_steps, hint=stall_hint(config.solver), limit=config.limit)
         ys = error_if_failed(
             ys,
             out.result,
@@ -147,8 +156,7 @@ def _solve(problem, config, gradient):
             out.stats["num_steps"],
             out.stats["num_rejected"],
             out.t_target,
-            config.max_steps,
-            stall_hint(config.solver),
+            report,
         )
     return Solution(ts=problem.ts, ys=ys, result=out.result, stats=out.stats)
 
@@ -179,21 +187,23 @@ def solve(
 
 
 def run(func, y0, ts, args, *, solver, gradient, rtol, atol, step_size, num_steps, max_steps,
-        throw, max_step=float("inf")):
-    """`solve`, plus controller options kept out of the public signature (`max_step`:
-    the largest adaptive step, used by `malijax.compat.odeint`'s `hmax`)."""
+        throw, max_step=float("inf"), limit=None):
+    """`solve`, plus options kept out of the public signature, used by
+    `malijax.compat.odeint`: `max_step` (the largest adaptive step, its `hmax`) and
+    `limit` (how messages name the step bound, `Config.limit`)."""
     if solver is None:
         solver = default_solver()
     ts, adaptive = _validate(
         func, y0, ts, args, solver, gradient, rtol, atol, step_size, num_steps, max_steps
     )
     y0 = jtu.tree_map(
-        lambda x: jnp.asarray(x, jnp.result_type(float)) if isinstance(x, float) else jnp.asarray(x),
+        lambda x: jnp.asarray(x, jnp.result_type(type(x))) if isinstance(x, (float, complex))
+        else jnp.asarray(x),
         y0,
     )
     ts = jnp.asarray(ts)
     ts = ts.astype(time_dtype(ts.dtype, y0))
-    _check_func(func, y0, ts[0], args)
+    func_arrays = _trace_func(func, y0, ts[0], args)
     if gradient is None:
         gradient = _default_gradient(solver)
     if num_steps is not None:
@@ -209,9 +219,24 @@ def run(func, y0, ts, args, *, solver, gradient, rtol, atol, step_size, num_step
         max_steps=max_steps,
         throw=throw,
         sum_over_batch=innermost_is_vmap(),
+        reverse_levels=reverse_levels((y0, ts, args, func_arrays)),
+        limit=limit,
+        call_site=call_site() if gradient.reconstructs else None,
     )
     gradient.check(solver, config)
-    return _solve(Problem(func, y0, ts, args), config, gradient)
+    if forward_mode_innermost((y0, ts, args, func_arrays)) and not gradient.supports_forward_mode(config):
+        name = type(gradient).__name__
+        raise TypeError(
+            f"can't apply forward-mode autodiff (jvp) to {name}: its gradient is a custom "
+            "VJP, for reverse mode only. For jax.jvp/jax.jacfwd pass "
+            "gradient=mj.ForwardMode() (or mj.Direct()); jax.hessian (forward over "
+            f"reverse) works with {name}."
+        )
+    with solve_errors_raised_plainly():
+        solution = _solve(Problem(func, y0, ts, args), config, gradient)
+        if not any(isinstance(x, jax.core.Tracer) for x in jtu.tree_leaves(solution)):
+            jax.block_until_ready(solution)  # eager: a failure surfaces here, as SolveError
+    return solution
 
 
 def odeint(
@@ -236,17 +261,22 @@ def odeint(
     - `func`: the vector field, called as `func(t, y, args)`; returns a pytree like `y`
       (same structure, shapes and dtypes). It may be an `eqx.Module`: its array
       leaves then receive gradients, as do arrays it closes over.
-    - `y0`: the initial state at `ts[0]`, any pytree of floating arrays.
-    - `ts`: 1-D, strictly increasing or strictly decreasing output times (all equal is
-      allowed: the identity). Every output time is hit exactly by clipping a step to
-      it; there is no interpolation.
+    - `y0`: the initial state at `ts[0]`, any pytree of floating or complex arrays
+      (complex states: error norms use `|·|`; `ts` stay real).
+    - `ts`: 1-D, nondecreasing or nonincreasing output times. A repeated time is a
+      zero-length interval (its output repeats the previous one; all equal is the
+      identity), as in padded sequences. Every output time is hit exactly by clipping
+      a step to it; there is no interpolation.
     - `args`: passed to `func`; its array leaves receive gradients.
     - `solver`: `Reversible(Tsit5())` (default: stable on dissipative problems, exact
       MALI gradients; see `benchmarks/results/defaults.md`), `Reversible(rk_solver)`,
       `ALF()`, `ReversibleHeun()`, `Euler()`, `Midpoint()`, `Heun()`, `RK4()`,
       `Bosh3()`, `Dopri5()`, `Tsit5()`.
     - `gradient`: the gradient strategy, e.g. `Direct()` (default: `MALI()` for
-      reversible solvers, with automatic checkpoints; `ACA()` otherwise).
+      reversible solvers, with automatic checkpoints; `ACA()` otherwise;
+      `ForwardMode()` for `jax.jvp`/`jax.jacfwd`, which the custom-VJP strategies
+      refuse). All of them support `grad`, `vmap`, `jit`, `jax.hessian` and
+      `grad(grad(...))` (README: "Gradients").
     - `rtol`, `atol`: tolerances for adaptive steps (used when neither `step_size` nor
       `num_steps` is given). The error norm is the RMS over every element of the state.
     - `step_size`: fixed steps of this size; the last step before each output time is
@@ -265,9 +295,12 @@ def odeint(
     **Returns:** a pytree like `y0` whose leaves have a leading axis of `len(ts)`;
     `ys[0]` is `y0`.
 
-    **Raises:** `TypeError`/`ValueError` at trace time for misuse; at run time (with
-    `throw=True`) an error for `max_steps` reached, a non-finite state, step size
-    underflow, or non-monotone `ts`.
+    **Raises:** `TypeError`/`ValueError` at trace time for misuse (and for per-step
+    buffers sized by `max_steps` that cannot fit in device memory); at run time (with
+    `throw=True`) `mj.SolveError` for `max_steps` reached, a non-finite state, step
+    size underflow, non-monotone `ts`, or a traced `rtol`/`atol`/`step_size` ≤ 0 (under
+    `jit` it arrives as `jax.errors.JaxRuntimeError` ending with its message). An
+    exception raised by `func` propagates with its own type.
     """
     return solve(
         func,

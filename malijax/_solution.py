@@ -13,11 +13,13 @@ class RESULTS(eqx.Enumeration):
     )
     nonfinite_state = "The state became non-finite (NaN or inf)."
     step_size_underflow = "The adaptive step size underflowed."
-    ts_not_monotone = "`ts` is not strictly monotone."
+    ts_not_monotone = "`ts` is not monotone (nondecreasing or nonincreasing)."
     parasitic_instability = (
         "The parasitic component of a reversible solver outgrew the solution (weak "
         "instability)."
     )
+    invalid_tolerance = "A traced `rtol` or `atol` was not > 0."
+    invalid_step_size = "A traced `step_size` was not > 0."
 
 
 class Solution(eqx.Module):

@@ -2,8 +2,9 @@
 
 import math
 
+import jax
 import jax.numpy as jnp
-import jax.tree_util as jtu
+from jax.flatten_util import ravel_pytree
 
 from ._gradient import ACA, ANODE
 from ._odeint import run
@@ -30,7 +31,11 @@ def odeint(func, y0, t, *args, rtol=1.4e-8, atol=1.4e-8, mxstep=math.inf, hmax=m
       step counts) and what to try, instead of returning garbage;
     - gradients are those of the computed solution (exact for the discretisation),
       not of a continuous adjoint solved to tolerance;
-    - `t` may also be decreasing, and `y0` any pytree of floating arrays.
+    - `t` may also be decreasing.
+
+    As in JAX, `y0` may be any pytree of floating or complex arrays: it is raveled into
+    one array, and so is what `func` returns (which need only hold as many numbers,
+    e.g. a list for an array state).
 
     `mxstep` bounds the accepted plus rejected steps per output interval, as in JAX;
     malijax enforces it as a total of `mxstep·(len(t) − 1)` over the solve, since
@@ -46,23 +51,42 @@ def odeint(func, y0, t, *args, rtol=1.4e-8, atol=1.4e-8, mxstep=math.inf, hmax=m
     intervals = max(t.shape[0] - 1, 1) if t.ndim == 1 else 1
     if mxstep == math.inf:
         max_steps = _MAX_STEPS_FOR_INF
+        limit = (f"mxstep=inf (taken as {max_steps} steps in all)", "`mxstep`")
     elif mxstep >= 1 and float(mxstep).is_integer():
         max_steps = int(mxstep) * intervals
+        limit = (f"mxstep={int(mxstep)} (enforced as {max_steps} steps in all over "
+                 f"{intervals} output intervals)", "`mxstep`")
     else:
         raise ValueError(f"`mxstep` must be a positive integer or inf, got {mxstep!r}.")
     if not hmax > 0:
         raise ValueError(f"`hmax` must be > 0, got {hmax!r}.")
 
-    def vector_field(t, y, args):
-        return func(y, t, *args)
+    # Like JAX, integrate the state raveled into one array, and ravel what `func`
+    # returns: so `func` may return a list for an array state, or an array for a list.
+    y0_flat, unravel = ravel_pytree(y0)
+    if not jnp.issubdtype(y0_flat.dtype, jnp.inexact):  # e.g. y0=[1, 0]: as JAX does
+        y0_flat = y0_flat.astype(jnp.result_type(float))
 
-    state_bytes = sum(jnp.size(y) * jnp.result_type(y).itemsize for y in jtu.tree_leaves(y0))
+    def vector_field(t, y_flat, args):
+        out = func(unravel(y_flat), t, *args)
+        out_flat, _ = ravel_pytree(out)
+        if out_flat.shape != y0_flat.shape:
+            raise ValueError(
+                f"`func(y, t, *args)` returned {out_flat.size} numbers in all, but the state "
+                f"`y0` has {y0_flat.size}."
+            )
+        if jnp.iscomplexobj(out_flat) and not jnp.iscomplexobj(y0_flat):
+            raise TypeError("`func` returned complex values for a real `y0`: pass a complex `y0`.")
+        return out_flat.astype(y0_flat.dtype)
+
+    state_bytes = y0_flat.size * y0_flat.dtype.itemsize
     if max_steps * state_bytes <= _ACA_MEMORY_LIMIT:
         gradient = ACA()
     else:
         gradient = ANODE(checkpoints=_CHECKPOINTS)
     solution = run(
-        vector_field, y0, t, args, solver=Dopri5(), gradient=gradient, rtol=rtol, atol=atol,
-        step_size=None, num_steps=None, max_steps=max_steps, throw=True, max_step=hmax,
+        vector_field, y0_flat, t, args, solver=Dopri5(), gradient=gradient, rtol=rtol,
+        atol=atol, step_size=None, num_steps=None, max_steps=max_steps, throw=True,
+        max_step=hmax, limit=limit,
     )
-    return solution.ys
+    return jax.vmap(unravel)(solution.ys)

@@ -48,7 +48,9 @@ def main():
     y0 = jr.normal(jr.key(1), (16, 3))
     ts = jnp.array([0.0, 0.5, 1.0])
     out = {"devices": jax.device_count()}
-    for label, (gradient, solver, kw) in CASES.items():
+    labels = sys.argv[1:] or list(CASES)  # the strategies to run (test_sharding.py picks)
+    for label in labels:
+        gradient, solver, kw = CASES[label]
 
         @eqx.filter_jit
         @eqx.filter_value_and_grad(has_aux=True)

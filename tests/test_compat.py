@@ -70,7 +70,8 @@ def test_default_tolerances_match():
 
 def test_mxstep_raises_where_jax_returns_garbage():
     func, y0, t, args = PROBLEMS["van_der_pol"]
-    with pytest.raises(RUNTIME_ERRORS, match="max_steps"):
+    with pytest.raises(mj.SolveError, match=r"^malijax: mxstep=5 \(enforced as 20 steps in all "
+                       r"over 4 output intervals\) reached at t=.*Increase `mxstep`"):
         mj.compat.odeint(func, y0, t, *args, mxstep=5).block_until_ready()
     # jax.experimental.ode silently returns a wrong answer here:
     wrong = jax_odeint(func, y0, t, *args, mxstep=5)
@@ -131,3 +132,53 @@ def test_large_state_gradient_uses_bounded_memory():
     # 32 checkpoints of the Dopri5 loop state (a few states each; measured: 102 states'
     # worth), against 16384 · y0.nbytes for ACA's buffers alone
     assert temp <= 200 * y0.nbytes, temp
+
+
+def test_list_and_array_outputs_are_raveled_like_jax():
+    """JAX ravels the state and what `func` returns: a list for an array state, an array
+    for a list state. Values and gradients agree with jax.experimental.ode."""
+    def pend_list(y, t, m, g):  # array state, list output (JAX's test_pend_grads)
+        return [y[1], -m * y[1] - g * jnp.sin(y[0])]
+
+    def pend_array(y, t, m, g):  # list state, array output (JAX's weird_time test)
+        return jnp.stack([y[1] * -t, -m * y[1] - g * jnp.sin(y[0])])
+
+    ts = jnp.linspace(0.0, 1.0, 11)
+    args = (jnp.array(0.25), jnp.array(9.8))
+    for func, y0 in ((pend_list, jnp.array([np.pi - 0.1, 0.0])),
+                     (pend_array, [jnp.array(np.pi - 0.1), jnp.array(0.0)])):
+        ours = mj.compat.odeint(func, y0, ts, *args)
+        theirs = jax_odeint(func, y0, ts, *args)
+        assert jax.tree.structure(ours) == jax.tree.structure(theirs)
+        assert max_rel_err(ours, theirs) < 1e-6
+
+        def loss(odeint, m):
+            return sum(jnp.sum(y**2) for y in jax.tree.leaves(odeint(func, y0, ts, m, args[1])))
+
+        g_ours = jax.grad(lambda m: loss(mj.compat.odeint, m))(args[0])
+        g_theirs = jax.grad(lambda m: loss(jax_odeint, m))(args[0])
+        assert max_rel_err(g_ours, g_theirs) < 1e-5
+    with pytest.raises(ValueError, match="returned 3 numbers in all, but the state `y0` has 2"):
+        mj.compat.odeint(lambda y, t: [y[0], y[1], y[0]], jnp.ones(2), ts)
+
+
+def test_complex_state_matches_jax():
+    """JAX's test_complex_odeint: y' = α y e^{-t}, complex y and α; values and the gradient
+    of the real part agree with jax.experimental.ode (and with the closed form)."""
+    def dy_dt(y, t, alpha):
+        return alpha * y * jnp.exp(-t).astype(y.dtype)
+
+    y0, alpha, ts = jnp.asarray(1 + 2j), jnp.asarray(3 + 4j), jnp.linspace(0.0, 1.0, 11)
+    with jax.numpy_dtype_promotion("standard"):
+        ours = mj.compat.odeint(dy_dt, y0, ts, alpha)
+        theirs = jax_odeint(dy_dt, y0, ts, alpha)
+        exact = y0 * jnp.exp(alpha * (1 - jnp.exp(-ts)))
+        assert ours.dtype == jnp.complex128
+        assert max_rel_err(ours, exact) < 1e-6 and max_rel_err(ours, theirs) < 1e-6
+
+        def loss(odeint, alpha):
+            return jnp.sum(odeint(dy_dt, y0, ts, alpha).real)
+
+        g_ours = jax.grad(lambda a: loss(mj.compat.odeint, a))(alpha)
+        g_theirs = jax.grad(lambda a: loss(jax_odeint, a))(alpha)
+        assert abs(complex(g_ours) - complex(g_theirs)) < 1e-5 * abs(complex(g_theirs))

@@ -5,11 +5,12 @@ from pathlib import Path
 import pytest
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+# Two by default (each runs a kernel for 30-60 s on 2 cores); all six with -m slow.
 NAMES = [
-    "reverse_accuracy",
-    "gradient_accuracy",
-    "memory_and_speed",
-    "time_series",
+    pytest.param("reverse_accuracy", marks=pytest.mark.slow),
+    pytest.param("gradient_accuracy", marks=pytest.mark.slow),
+    pytest.param("memory_and_speed", marks=pytest.mark.slow),
+    pytest.param("time_series", marks=pytest.mark.slow),
     "density_estimation",
     "three_body",
 ]

@@ -757,11 +757,11 @@ def test_ts_must_be_finite():
         mj.odeint(decay, Y0, jnp.array([0.0, 1.0, jnp.inf]))
 
 
-@pytest.mark.parametrize("ts", [[0.0, 1.0, 0.5], [1.0, 0.5, 0.7], [0.0, 0.0, 1.0], [0.0, 1.0, 1.0]])
+@pytest.mark.parametrize("ts", [[0.0, 1.0, 0.5], [1.0, 0.5, 0.7], [0.0, 0.0, 1.0, 0.5]])
 def test_ts_not_monotone_concrete(ts):
-    with pytest.raises(ValueError, match="strictly increasing or strictly decreasing"):
+    with pytest.raises(ValueError, match="nondecreasing or nonincreasing"):
         mj.odeint(decay, Y0, jnp.array(ts))
-    with pytest.raises(ValueError, match="strictly increasing or strictly decreasing"):
+    with pytest.raises(ValueError, match="nondecreasing or nonincreasing"):
         mj.odeint(decay, Y0, np.array(ts), num_steps=3)
 
 
@@ -769,14 +769,14 @@ def test_ts_not_monotone_traced():
     bad = jnp.array([0.0, 1.0, 0.5])
     for kw in ({"num_steps": 2}, {}):
         f = jax.jit(lambda ts, kw=kw: mj.odeint(decay, Y0, ts, solver=mj.Dopri5(), **kw))
-        with pytest.raises(RUNTIME_ERRORS, match="strictly"):
+        with pytest.raises(RUNTIME_ERRORS, match="nondecreasing or nonincreasing"):
             block(f(bad))
         # a monotone ts through the same compiled function is fine
         assert bool(jnp.all(jnp.isfinite(f(jnp.array([0.0, 0.5, 1.0])))))
         g = jax.jit(
             lambda ts, kw=kw: mj.solve(decay, Y0, ts, solver=mj.Dopri5(), throw=False, **kw)
         )
-        for ts in (bad, jnp.array([0.0, 0.0, 1.0])):
+        for ts in (bad, jnp.array([0.5, 0.0, 1.0])):
             sol = block(g(ts))
             assert bool(sol.result == mj.RESULTS.ts_not_monotone), kw
 

@@ -13,21 +13,27 @@ from pathlib import Path
 import pytest
 from helpers import reported_error
 
-STRATEGIES = ["Direct", "ACA", "MALI", "ANODE", "SymplecticAdjoint", "Adjoint"]
+# The first three by default; the other three (each compiled in the subprocess) with -m slow.
+STRATEGIES = ["Direct", "ACA", "MALI"]
+SLOW_STRATEGIES = ["ANODE", "SymplecticAdjoint", "Adjoint"]
 
 
 @pytest.fixture(scope="module")
-def sharded():
+def sharded(request):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
     script = Path(__file__).with_name("_sharded_run.py")
-    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
+    slow_deselected = "not slow" in (request.config.getoption("markexpr") or "")
+    labels = STRATEGIES if slow_deselected else STRATEGIES + SLOW_STRATEGIES
+    proc = subprocess.run([sys.executable, str(script), *labels], env=env, capture_output=True,
                           text=True, timeout=900)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT")]
     assert proc.returncode == 0 and lines, proc.stderr[-4000:]
     return json.loads(lines[-1][len("RESULT"):])
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize(
+    "strategy", STRATEGIES + [pytest.param(s, marks=pytest.mark.slow) for s in SLOW_STRATEGIES]
+)
 def test_sharded_equals_single_device(sharded, strategy):
     assert sharded["devices"] == 8
     r = sharded[strategy]

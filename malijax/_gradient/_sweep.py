@@ -33,8 +33,10 @@ mechanism at the level of the VJP, so every strategy and solver inherits it; why
 chosen at the call, and its limits, are in `malijax/_batching.py`.
 
 Second derivatives: the backward is JVP-able, so `jax.hessian` (forward-over-reverse)
-works everywhere; reverse-over-reverse needs a `num_steps` grid (a `scan` both ways),
-because the adaptive forward is a `lax.while_loop`.
+works everywhere. Reverse-over-reverse transposes the forward and this sweep too: on a
+`num_steps` grid they are scans; otherwise, when the call counted two reverse-mode
+levels (`Config.reverse_levels`, `malijax/_transforms.py`), both run in Equinox's bounded
+loop instead of `lax.while_loop`, which JAX cannot transpose.
 
 Time gradients are exact for the computed discretisation, the same as `Direct`: the
 step sizes chosen by the controller are constants (`stop_gradient`), a step clipped to
@@ -43,13 +45,14 @@ ends at `t_k + h_k`, and on a `num_steps=N` grid `t_k = ts[i] + n (ts[i+1] - ts[
 """
 
 import equinox as eqx
+import equinox.internal as eqxi
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 
 from .._batching import any_over_batch, summing, summing_over_batch, value_and_vjp
 from .._loop import LoopOutput, Problem, grid_step, integrate
-from .._misc import cotangent_or_zeros, tree_add, tree_where, tree_zeros_like
+from .._misc import cotangent_or_zeros, real_dtype, tree_add, tree_where, tree_zeros_like
 
 
 def _output_cotangent(ct_ys, out):
@@ -57,6 +60,20 @@ def _output_cotangent(ct_ys, out):
     return jtu.tree_map(
         lambda c: jnp.where(out >= 0, c[jnp.maximum(out, 0)], jnp.zeros_like(c[0])), ct_ys
     )
+
+
+def fold_repeated_outputs(ct_ys, ts):
+    """Move each output's cotangent to the first of its run of equal output times.
+
+    The while loop takes no step over a zero-length interval (`ts[j+1] == ts[j]`): it
+    copies `ys[j+1] = ys[j]`, so `∂L/∂ys[j+1]` belongs where the step reaching `ts[j]`
+    ends. (All of `ts` equal: everything lands on `ys[0] = y0`.) A `num_steps` grid
+    takes its `N` steps of size zero instead, each run of the scan ending on its own
+    output, and needs no folding."""
+    index = jnp.arange(ts.shape[0])
+    starts_run = jnp.concatenate([jnp.array([True]), ts[1:] != ts[:-1]])
+    first = jax.lax.cummax(jnp.where(starts_run, index, 0))
+    return jtu.tree_map(lambda c: jnp.zeros_like(c).at[first].add(c), ct_ys)
 
 
 def relative_difference(rebuilt, stored):
@@ -68,7 +85,7 @@ def relative_difference(rebuilt, stored):
     if not pairs:
         return jnp.zeros(())
     pairs = jax.lax.stop_gradient(pairs)  # diagnostics only
-    dtype = jnp.result_type(*[b.dtype for _, b in pairs])
+    dtype = real_dtype(jnp.result_type(*[b.dtype for _, b in pairs]))
     diff = jnp.max(jnp.stack([jnp.max(jnp.abs(a - b)).astype(dtype) for a, b in pairs]))
     scale = jnp.max(jnp.stack([jnp.max(jnp.abs(b)).astype(dtype) for _, b in pairs]))
     error = diff / jnp.maximum(scale, jnp.finfo(dtype).tiny)
@@ -102,15 +119,15 @@ def solve_with_custom_vjp(strategy, problem, config):
     """Run the forward loop under a custom VJP whose backward is `reverse_sweep`."""
     func = eqx.filter_closure_convert(problem.func, problem.ts[0], problem.y0, problem.args)
     diff = (problem.y0, func, problem.args, problem.ts)
-    ys, result, stats = _solve(diff, config, strategy)
-    return LoopOutput(ys, result, stats, None, None, problem.ts[-1])
+    ys, result, stats, t_target = _solve(diff, config, strategy)
+    return LoopOutput(ys, result, stats, None, None, t_target)
 
 
 def _forward(diff, config, strategy):
     y0, func, args, ts = diff
     restarts = strategy.restarts(config, ts.shape[0], y0)
     return integrate(
-        Problem(func, y0, ts, args), config, kind="lax", record=strategy.record,
+        Problem(func, y0, ts, args), config, kind=config.while_kind(1), record=strategy.record,
         restarts=restarts,
     )
 
@@ -118,14 +135,14 @@ def _forward(diff, config, strategy):
 @eqx.filter_custom_vjp
 def _solve(diff, config, strategy):
     out = _forward(diff, config, strategy)
-    return out.ys, out.result, out.stats
+    return out.ys, out.result, out.stats, out.t_target
 
 
 @_solve.def_fwd
 def _solve_fwd(perturbed, diff, config, strategy):
     del perturbed
     out = _forward(diff, config, strategy)
-    return (out.ys, out.result, out.stats), (out.trajectory, out.final_state)
+    return (out.ys, out.result, out.stats, out.t_target), (out.trajectory, out.final_state)
 
 
 @_solve.def_bwd
@@ -145,6 +162,8 @@ def reverse_sweep(strategy, diff, config, traj, final_state, ct_ys):
     num_out = ts.shape[0]
     # A num_steps grid (scan) rather than a while loop; one output time takes no steps.
     grid = config.controller is None or num_out == 1
+    if not grid:
+        ct_ys = fold_repeated_outputs(ct_ys, ts)
     n_per = config.num_steps if num_out > 1 and grid else 0
     x_final = strategy.final_carry(solver, final_state)
 
@@ -250,7 +269,12 @@ def reverse_sweep(strategy, diff, config, traj, final_state, ct_ys):
         def cond(c):
             return any_over_batch(c[0] >= 0) if summing() else c[0] >= 0
 
-        _, carry = jax.lax.while_loop(cond, while_body, (traj.num_steps - 1, carry))
+        init = (traj.num_steps - 1, carry)
+        if config.while_kind(1) == "bounded":  # to be reverse-differentiated (_transforms)
+            _, carry = eqxi.while_loop(cond, while_body, init, max_steps=config.max_steps,
+                                       kind="bounded")
+        else:
+            _, carry = jax.lax.while_loop(cond, while_body, init)
     x0_rebuilt, ct_x0, ct_func, ct_args, ct_t0, ct_ts, worst = carry
     ct_ts = ct_ts.at[0].add(ct_t0)
 
@@ -261,12 +285,10 @@ def reverse_sweep(strategy, diff, config, traj, final_state, ct_ys):
     x0, (g_func, g_args), (ct_y0, g_t0) = value_and_vjp(init_map, (func, args), (y0, ts[0]), ct_x0)
     if strategy.reconstructs:
         worst = _worse(worst, relative_difference(x0_rebuilt, x0), ts[0])
-        strategy.report_reconstruction(*worst, dtype=jnp.result_type(*jtu.tree_leaves(x0)))
+        strategy.report_reconstruction(
+            *worst, dtype=real_dtype(jnp.result_type(*jtu.tree_leaves(x0))), config=config
+        )
     ct_y0 = tree_add(ct_y0, jtu.tree_map(lambda c: c[0], ct_ys))
-    if not grid and num_out > 1:
-        # All ts equal: the while loop takes no steps and every output is y0.
-        same = ts[-1] == ts[0]
-        ct_y0 = tree_add(ct_y0, jtu.tree_map(lambda c: jnp.where(same, jnp.sum(c[1:], 0), 0), ct_ys))
     ct_ts = ct_ts.at[0].add(jnp.zeros_like(ts[0]) if g_t0 is None else g_t0)
     ct_func = tree_add(ct_func, g_func)
     ct_args = tree_add(ct_args, g_args)

@@ -5,7 +5,7 @@ import jax.tree_util as jtu
 
 from .._batching import call_field, summing_over_batch, value_and_vjp
 from .._controller import PIController
-from .._errors import error_if_failed
+from .._errors import Report, error_if_failed
 from .._loop import Config, LoopOutput, Problem, integrate
 from .._misc import cotangent_or_zeros, tree_add, tree_dot, tree_zeros_like
 from .._solution import RESULTS
@@ -54,8 +54,8 @@ class Adjoint(AbstractGradient):
     def apply(self, problem, config):
         func = eqx.filter_closure_convert(problem.func, problem.ts[0], problem.y0, problem.args)
         diff = (problem.y0, func, problem.args, problem.ts)
-        ys, result, stats = _solve(diff, config, self)
-        return LoopOutput(ys, result, stats, None, None, problem.ts[-1])
+        ys, result, stats, t_target = _solve(diff, config, self)
+        return LoopOutput(ys, result, stats, None, None, t_target)
 
     def backward_config(self, config):
         controller = config.controller
@@ -71,25 +71,26 @@ class Adjoint(AbstractGradient):
             num_steps=config.num_steps,
             max_steps=config.max_steps if self.max_steps is None else self.max_steps,
             throw=config.throw,
+            reverse_levels=config.reverse_levels,
         )
 
 
 def _forward(diff, config):
     y0, func, args, ts = diff
-    return integrate(Problem(func, y0, ts, args), config, kind="lax", record=None)
+    return integrate(Problem(func, y0, ts, args), config, kind=config.while_kind(1), record=None)
 
 
 @eqx.filter_custom_vjp
 def _solve(diff, config, strategy):
     out = _forward(diff, config)
-    return out.ys, out.result, out.stats
+    return out.ys, out.result, out.stats, out.t_target
 
 
 @_solve.def_fwd
 def _solve_fwd(perturbed, diff, config, strategy):
     del perturbed, strategy
     out = _forward(diff, config)
-    return (out.ys, out.result, out.stats), out.ys
+    return (out.ys, out.result, out.stats, out.t_target), out.ys
 
 
 @_solve.def_bwd
@@ -117,7 +118,7 @@ def _backward(ys, grad_obj, diff, config, strategy):
         return (fz, neg(g_z), neg(g_func), neg(g_args), -g_t)
 
     def interval(carry, i):
-        a, a_func, a_args, a_t, ct_ts, result, n_steps = carry
+        a, a_func, a_args, a_t, ct_ts, result, n_steps, where = carry
         z_i = jtu.tree_map(lambda y: y[i], ys)
         ct_i = jtu.tree_map(lambda c: c[i], ct_ys)
         g_i = tree_dot(func(ts[i], z_i, args), ct_i, dtype)  # ∂L/∂ts[i], continuous time
@@ -125,10 +126,15 @@ def _backward(ys, grad_obj, diff, config, strategy):
         a = tree_add(a, ct_i)
         state = (z_i, a, a_func, a_args, a_t - g_i)
         out = integrate(Problem(augmented, state, jnp.stack([ts[i], ts[i - 1]]), None),
-                        bconfig, kind="lax")
+                        bconfig, kind=bconfig.while_kind(1))
         _, a, a_func, a_args, a_t = jtu.tree_map(lambda x: x[-1], out.ys)
+        first = (result == RESULTS.successful) & (out.result != RESULTS.successful)
+        failure = (out.stats["t_final"], n_steps + out.stats["num_steps"],
+                   out.stats["num_rejected"], ts[i - 1])
+        where = jtu.tree_map(lambda new, old: jnp.where(first, new, old), failure, where)
         result = RESULTS.where(result == RESULTS.successful, out.result, result)
-        return (a, a_func, a_args, a_t, ct_ts, result, n_steps + out.stats["num_steps"]), None
+        n_steps = n_steps + out.stats["num_steps"]
+        return (a, a_func, a_args, a_t, ct_ts, result, n_steps, where), None
 
     num_out = ts.shape[0]
     carry = (
@@ -139,14 +145,20 @@ def _backward(ys, grad_obj, diff, config, strategy):
         jnp.zeros_like(ts),
         RESULTS.successful,
         jnp.zeros((), jnp.int32),
+        (ts[0], jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), ts[0]),  # where it failed
     )
     if num_out > 1:
         carry, _ = jax.lax.scan(interval, carry, jnp.arange(num_out - 1, 0, -1))
-    a, a_func, a_args, a_t, ct_ts, result, n_steps = carry
+    a, a_func, a_args, a_t, ct_ts, result, _, where = carry
     ct_y0 = tree_add(a, jtu.tree_map(lambda c: c[0], ct_ys))
     ct_ts = ct_ts.at[0].add(a_t)
     if config.throw:
-        ct_y0 = error_if_failed(ct_y0, result, ts[0], n_steps, jnp.zeros((), jnp.int32),
-                                ts[0], bconfig.max_steps)
+        # (t, accepted steps so far, rejected in that interval, the interval's end)
+        n = bconfig.max_steps
+        report = Report(n, stage="the Adjoint's backward solve (the adjoint system, "
+                        "integrated from ts[-1] back to ts[0])",
+                        limit=(f"max_steps={n} (per output interval)",
+                               "`max_steps` (of the solve, or `mj.Adjoint(max_steps=...)`)"))
+        ct_y0 = error_if_failed(ct_y0, result, *where, report)
     return (ct_y0, a_func, a_args, ct_ts)
 

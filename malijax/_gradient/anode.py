@@ -45,6 +45,9 @@ class ANODE(AbstractGradient):
         ):
             raise ValueError(f"ANODE(checkpoints=...) must be None or an int >= 1, got {self.checkpoints!r}.")
 
+    def supports_forward_mode(self, config):
+        return self.checkpoints is None and config.controller is None  # the remat scan
+
     def apply(self, problem, config):
         if self.checkpoints is None and config.controller is None:
             # One stored state per step on a static grid: a scan of jax.checkpoint'ed
@@ -56,4 +59,9 @@ class ANODE(AbstractGradient):
             # ACA's sweep, which also keeps memory to the solver's checkpoint (not the
             # whole loop state) and is batch-aware.
             return ACA().apply(problem, config)
+        if config.while_kind(1) == "bounded":
+            # Differentiated again in reverse mode (malijax/_transforms.py): Equinox's
+            # binomial loop is reverse-differentiable once, its bounded loop always
+            # (memory growing with log16(max_steps), like `Direct`).
+            return integrate(problem, config, kind="remat" if config.controller is None else "bounded")
         return integrate(problem, config, kind="checkpointed", checkpoints=self.checkpoints)

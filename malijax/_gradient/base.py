@@ -23,8 +23,14 @@ class AbstractGradient(eqx.Module):
     # (stored, or the initial state) and the time where it occurred.
     reconstructs = False
 
-    def report_reconstruction(self, error, t, *, dtype) -> None:
-        del error, t, dtype
+    def report_reconstruction(self, error, t, *, dtype, config) -> None:
+        del error, t, dtype, config
+
+    def supports_forward_mode(self, config) -> bool:
+        """Whether `jax.jvp`/`jax.jacfwd` can differentiate this strategy's solve
+        under `config` (not through a custom VJP)."""
+        del config
+        return False
 
     def restarts(self, config, num_out, y0):
         """The whole states the forward keeps for the reverse sweep to restart from

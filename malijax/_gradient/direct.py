@@ -20,5 +20,8 @@ class Direct(AbstractGradient):
     grows with the depth too.
     """
 
+    def supports_forward_mode(self, config):
+        return True
+
     def apply(self, problem, config):
         return integrate(problem, config, kind="bounded", record=None)

@@ -123,13 +123,13 @@ class MALI(AbstractGradient):
             return Restarts(slots, math.ceil(num_steps / (slots + 1)), doubling=False)
         return Restarts(self.checkpoints, 1)
 
-    def report_reconstruction(self, error, t, *, dtype):
+    def report_reconstruction(self, error, t, *, dtype, config):
         rtol = self.reconstruction_rtol
         if rtol == math.inf:
             return
         if rtol is None:
             rtol = float(math.sqrt(jnp.finfo(dtype).eps))
-        warn_if_inexact_reconstruction(error, t, rtol)
+        warn_if_inexact_reconstruction(error, t, rtol, config.call_site)
 
     def apply(self, problem, config):
         return solve_with_custom_vjp(self, problem, config)
