@@ -108,9 +108,8 @@ class Report(eqx.Module):
 
 
 def _message(code, t, n_steps, n_rejected, t_target, element, report):
-    where = f"at t={t:.9g} after {n_steps} accepted and {n_rejected} rejected steps"
-    if element >= 0:
-        where += f" (batch element {element} of the innermost vmap)"
+    batch = f" (batch element {element} of the innermost vmap)" if element >= 0 else ""
+    where = f"at t={t:.9g} after {n_steps} accepted and {n_rejected} rejected steps{batch}"
     stage = f"{report.stage}: " if report.stage else ""
     backward = bool(report.stage)
     limit, keyword = report.limit or (f"max_steps={report.max_steps}", "`max_steps`")
@@ -152,17 +151,13 @@ def _message(code, t, n_steps, n_rejected, t_target, element, report):
     if code == RESULTS.ts_not_monotone._value:
         return (
             "malijax: `ts` must be nondecreasing or nonincreasing (repeated times are "
-            f"zero-length intervals){where[where.index(' (batch'):] if element >= 0 else ''}."
+            f"zero-length intervals){batch}."
         )
     if code == RESULTS.invalid_tolerance._value:
-        return f"malijax: `rtol` and `atol` must be > 0, but a traced value was not{_of(element)}."
+        return f"malijax: `rtol` and `atol` must be > 0, but a traced value was not{batch}."
     if code == RESULTS.invalid_step_size._value:
-        return f"malijax: `step_size` must be > 0, but a traced value was not{_of(element)}."
+        return f"malijax: `step_size` must be > 0, but a traced value was not{batch}."
     return f"malijax: {stage}the solve failed with result code {code} {where}."
-
-
-def _of(element):
-    return f" (batch element {element} of the innermost vmap)" if element >= 0 else ""
 
 
 def _raise_if_failed(code, t, n_steps, n_rejected, t_target, element, *, report):

@@ -179,12 +179,12 @@ def device_memory_bytes():
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def check_buffer_memory(max_steps, row):
-    """Refuse at trace time to record `max_steps` copies of `row` (one per step) when
-    they alone would exceed the device's memory: compiled, such a solve would die
-    allocating them (`RESOURCE_EXHAUSTED`), even if it takes only a few steps."""
-    row_bytes = sum(x.size * x.dtype.itemsize for x in jtu.tree_leaves(row))
-    total, limit = max_steps * row_bytes, device_memory_bytes()
+def check_buffer_memory(max_steps, buffers):
+    """Refuse at trace time the per-step `buffers` (`max_steps` rows each) when they
+    alone would exceed the device's memory: compiled, such a solve would die allocating
+    them (`RESOURCE_EXHAUSTED`), even if it takes only a few steps."""
+    total = sum(x.size * x.dtype.itemsize for x in jtu.tree_leaves(buffers))
+    row_bytes, limit = total // max_steps, device_memory_bytes()
     if total > limit:
         raise ValueError(
             f"malijax: this gradient strategy records each step in buffers sized by "
@@ -239,7 +239,7 @@ def integrate(problem, config, *, kind="lax", record=None, checkpoints=None, res
     elif isinstance(controller, ConstantStepSize):
         h_ok = jnp.asarray(controller.step_size) > 0
         result0 = RESULTS.where(h_ok, result0, RESULTS.invalid_step_size)
-    if num_out == 1 or (config.controller is None and kind != "checkpointed"):
+    if num_out == 1 or (controller is None and kind != "checkpointed"):
         return _integrate_grid(
             problem, config, state0, result0, direction, record, restarts, remat=kind == "remat"
         )
@@ -374,14 +374,13 @@ def _integrate_while(
     rec = None
     if record is not None:
         checkpoint = solver.checkpoint(state0) if record == "states" else None
-        row = (jnp.zeros((), dtype), jnp.zeros((), dtype), jnp.zeros((), jnp.int32), checkpoint)
-        check_buffer_memory(max_steps, row)
         rec = (
             jnp.zeros((max_steps,), dtype),
             jnp.zeros((max_steps,), dtype),
             jnp.full((max_steps,), -1, jnp.int32),
             _nan_buffer((max_steps,), checkpoint),
         )
+        check_buffer_memory(max_steps, rec)  # traced: nothing is allocated yet
     slots0 = None if restarts is None else restarts.init(state0)
 
     def cond(c):

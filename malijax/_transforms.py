@@ -38,18 +38,20 @@ def _reverse_trace_types():
     return (_LinearizeTrace, _JVPTrace)
 
 
-def reverse_levels(tree):
-    """The number of distinct reverse-mode traces among the tracers in `tree`, each
-    tracer followed down to the values it wraps (so `grad(vmap(grad(.)))` counts 2)."""
-    kinds = _reverse_trace_types()
-    seen = set()
+def _traces(tree):
+    """The trace of every tracer in `tree`, each tracer followed down through the values
+    it wraps (a JVP/linearize tracer's primal, a batch tracer's value)."""
     for leaf in jax.tree_util.tree_leaves(tree):
         while isinstance(leaf, jax.core.Tracer):
-            trace = leaf._trace
-            if isinstance(trace, kinds):
-                seen.add(id(trace))
+            yield leaf._trace
             leaf = getattr(leaf, "primal", getattr(leaf, "val", None))
-    return len(seen)
+
+
+def reverse_levels(tree):
+    """The number of distinct reverse-mode traces among the tracers in `tree` (so
+    `grad(vmap(grad(.)))` counts 2)."""
+    kinds = _reverse_trace_types()
+    return len({id(trace) for trace in _traces(tree) if isinstance(trace, kinds)})
 
 
 def forward_mode_innermost(tree):
@@ -59,11 +61,4 @@ def forward_mode_innermost(tree):
     if _JVPTrace is None:
         return False
     top = _find_top_trace(())
-    if not isinstance(top, _JVPTrace):
-        return False
-    for leaf in jax.tree_util.tree_leaves(tree):
-        while isinstance(leaf, jax.core.Tracer):
-            if leaf._trace is top:
-                return True
-            leaf = getattr(leaf, "primal", getattr(leaf, "val", None))
-    return False
+    return isinstance(top, _JVPTrace) and any(trace is top for trace in _traces(tree))
