@@ -99,7 +99,7 @@ class PIController(eqx.Module):
 
 
 class ConstantStepSize(eqx.Module):
-    """Fixed steps of magnitude `step_size`; the last step before each output time is
-    clipped to land on it exactly."""
+    """Fixed steps of magnitude `step_size`; the last step is clipped onto `ts[-1]` (onto
+    every output time with `land_on_outputs=True`)."""
 
     step_size: float | jax.Array

@@ -1,20 +1,25 @@
 """The one forward loop.
 
-`integrate` steps a solver over the output times `ts`, hitting each exactly (steps are
-clipped to land on them; there is no interpolation):
+`integrate` steps a solver from `ts[0]` to `ts[-1]` and writes `y` at every output time:
 
 - a static grid (`num_steps=N`: each output interval split into N equal steps) runs as
-  a `lax.scan` over output intervals with an inner `lax.scan` over steps;
+  a `lax.scan` over output intervals with an inner `lax.scan` over steps, landing on
+  every output;
 - adaptive steps and `step_size=h` run as one while loop bounded by `max_steps`
-  (accepted plus rejected steps). Its `kind` is chosen by the gradient strategy:
-  `"lax"` (not reverse-differentiable; strategies with a custom VJP) or `"bounded"`
-  (reverse-differentiable, for `Direct`).
+  (accepted plus rejected steps). Steps are chosen by the tolerance (or `h`) alone and
+  clipped only onto `ts[-1]`; an output inside a step is the step's interpolant
+  (`malijax._dense`), one at a step's end is its state. With
+  `Config.land_on_outputs` every output time is a step's end instead (clipped onto
+  it). The loop's `kind` is chosen by the gradient strategy: `"lax"` (not
+  reverse-differentiable; strategies with a custom VJP), `"bounded"`
+  (reverse-differentiable, for `Direct`) or `"checkpointed"` (ANODE).
 
 For a gradient strategy the loop can record, per accepted step `k`, the start time
-`t_k`, the step `h_k` exactly as used, the index of the output time the step ends on
-(or -1), and optionally the solver's checkpoint of the state at `t_k`. Independently it
-can keep whole solver states at a few steps in a fixed number of *restart slots*
-(`Restarts`), from which a reconstructing strategy (MALI) restarts its inverse.
+`t_k`, the step `h_k` exactly as used, the index of the output time it was clipped onto
+(or -1), the range of outputs it reached, and optionally the solver's checkpoint of the
+state at `t_k`. Independently it can keep whole solver states at a few steps in a fixed
+number of *restart slots* (`Restarts`), from which a reconstructing strategy (MALI)
+restarts its inverse.
 """
 
 import os
@@ -25,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 
+from . import _dense
 from ._controller import ConstantStepSize, PIController
 from ._misc import rms_norm, tree_all_finite, tree_where
 from ._solution import RESULTS
@@ -56,6 +62,20 @@ class Config(eqx.Module):
     # The user's line that called the solve, for MALI's ReconstructionWarning
     # (`_errors.call_site`); set only for strategies that rebuild states.
     call_site: tuple | None = eqx.field(static=True, default=None)
+    # Clip steps onto every output time instead of interpolating inside steps.
+    land_on_outputs: bool = eqx.field(static=True, default=False)
+    # Keep every accepted step's interpolant (`solve(..., dense=True)`).
+    dense: bool = eqx.field(static=True, default=False)
+
+    def interpolates(self, num_out):
+        """Whether outputs may fall inside steps: adaptive and `step_size` solves with an
+        output time between `ts[0]` and `ts[-1]` (those equal to either need no step of
+        their own: they take `y0`, or land with the last step, clipped onto `ts[-1]`)."""
+        return self.controller is not None and not self.land_on_outputs and num_out > 2
+
+    def steps_dense(self, num_out):
+        """Whether each step also forms its interpolant (`AbstractSolver.step_dense`)."""
+        return self.interpolates(num_out) or self.dense
 
     def while_kind(self, absorbed):
         """The kind of while loop to run: `"lax"`, unless more reverse-mode
@@ -128,16 +148,22 @@ class Trajectory(eqx.Module):
     """The accepted discretisation, recorded for a gradient strategy.
 
     Buffers have `max_steps` rows for a while loop (only the first `num_steps` are
-    meaningful). A `num_steps=N` grid records no times (`ts`, `hs`, `out` are None:
-    `grid_step` recomputes them) and exactly `(len(ts) - 1) * N` state rows."""
+    meaningful). A `num_steps=N` grid records no times (`ts`, `hs`, `out`, `mid`, `hi`
+    are None: `grid_step` recomputes them) and exactly `(len(ts) - 1) * N` state rows.
+
+    Step `k` reached outputs `[hi[k-1], hi[k])` (`hi[-1] = first`): those in
+    `[hi[k-1], mid[k])` from its interpolant, those in `[mid[k], hi[k])` at its end."""
 
     ts: jax.Array | None  # t_k, start of step k
     hs: jax.Array | None  # h_k, signed, exactly as the step used it
-    out: jax.Array | None  # index j of ts that step k ends on, or -1
+    out: jax.Array | None  # index j of the output time step k was clipped onto, or -1
     num_steps: jax.Array
     states: object  # solver.checkpoint(state at t_k) per step, or None
     slot_steps: jax.Array | None = None  # Restarts: the step k each slot holds, or -1
     slot_states: object = None  # Restarts: the solver state x_k in each slot
+    mid: jax.Array | None = None  # first output step k did not interpolate
+    hi: jax.Array | None = None  # first output after step k
+    first: jax.Array | None = None  # outputs [0, first) are at ts[0]: y0
 
 
 class LoopOutput(eqx.Module):
@@ -147,6 +173,8 @@ class LoopOutput(eqx.Module):
     final_state: object
     trajectory: Trajectory | None
     t_target: jax.Array  # the output time being aimed at when the loop stopped
+    ys_dot: object = None  # dy/dt at the outputs inside steps (`derivatives=True`)
+    dense: _dense.DenseInterpolation | None = None  # every step's interpolant (Config.dense)
 
 
 def grid_steps(ts, n):
@@ -211,9 +239,11 @@ def _ts_ok(ts):
     return ok, direction
 
 
-def integrate(problem, config, *, kind="lax", record=None, checkpoints=None, restarts=None):
+def integrate(problem, config, *, kind="lax", record=None, checkpoints=None, restarts=None,
+              derivatives=False):
     """Solve `problem`; `record` is None, "grid" ((t_k, h_k) only) or "states";
-    `restarts` (a `Restarts`, with a `record`) also keeps a few whole solver states.
+    `restarts` (a `Restarts`, with a `record`) also keeps a few whole solver states;
+    `derivatives` keeps `dy/dt` at outputs inside steps (for gradients w.r.t. `ts`).
 
     `kind="checkpointed"` (with `checkpoints`, None for one per step) runs even a
     `num_steps` grid in the while loop, so that it is reverse-differentiated with
@@ -244,7 +274,8 @@ def integrate(problem, config, *, kind="lax", record=None, checkpoints=None, res
             problem, config, state0, result0, direction, record, restarts, remat=kind == "remat"
         )
     return _integrate_while(
-        problem, config, state0, result0, direction, kind, record, checkpoints, restarts
+        problem, config, state0, result0, direction, kind, record, checkpoints, restarts,
+        derivatives,
     )
 
 
@@ -267,7 +298,10 @@ def _integrate_grid(problem, config, state0, result0, direction, record, restart
         if restarts is not None:
             flat_k = i * n + k
             slots = restarts.update(slots, flat_k, state, jnp.array(True), _set_row)
-        state1, error = solver.step(func, t, h, state, args)
+        if config.dense:
+            state1, error, coeffs = solver.step_dense(func, t, h, state, args)
+        else:
+            (state1, error), coeffs = solver.step(func, t, h, state, args), None
         ok = result == RESULTS.successful
         bad = ~tree_all_finite(solver.y(state1)) & ok
         y_max, outgrown = parasitic_check(solver, state1, error, y_max, ts.dtype)
@@ -279,7 +313,8 @@ def _integrate_grid(problem, config, state0, result0, direction, record, restart
         t_fail = jnp.where(bad, t, jnp.where(outgrown, t + h, t_fail))
         # The grid itself is never stored: `grid_step` recomputes (t_k, h_k) from ts.
         rec = solver.checkpoint(state) if record == "states" else None
-        return (state1, result, t_fail, y_max, i, h, t_start, k + 1, slots), rec
+        dense = (t, h, coeffs) if config.dense else None
+        return (state1, result, t_fail, y_max, i, h, t_start, k + 1, slots), (rec, dense)
 
     if remat:
         step = jax.checkpoint(step)
@@ -288,15 +323,15 @@ def _integrate_grid(problem, config, state0, result0, direction, record, restart
         state, result, t_fail, y_max, slots = carry
         i, h, t_start = x
         k0 = jnp.zeros((), jnp.int32)
-        (state, result, t_fail, y_max, *_, slots), rec = jax.lax.scan(
+        (state, result, t_fail, y_max, *_, slots), (rec, dense) = jax.lax.scan(
             step, (state, result, t_fail, y_max, i, h, t_start, k0, slots), None, length=n
         )
-        return (state, result, t_fail, y_max, slots), (solver.y(state), rec)
+        return (state, result, t_fail, y_max, slots), (solver.y(state), rec, dense)
 
     t_fail0 = jnp.where(result0 == RESULTS.successful, ts[-1], ts[0])
     slots0 = None if restarts is None else restarts.init(state0)
     y_max0 = rms_norm(y0, ts.dtype)
-    (state, result, t_fail, _, slots), (ys, recs) = jax.lax.scan(
+    (state, result, t_fail, _, slots), (ys, recs, dense) = jax.lax.scan(
         interval,
         (state0, result0, t_fail0, y_max0, slots0),
         (jnp.arange(num_intervals, dtype=jnp.int32), hs, ts[:-1]),
@@ -311,11 +346,15 @@ def _integrate_grid(problem, config, state0, result0, direction, record, restart
         ),
         "t_final": t_fail,
     }
+    def flat(tree):  # (interval, step) -> flat step
+        return jtu.tree_map(lambda x: x.reshape((-1,) + x.shape[2:]), tree)
+
     trajectory = None
     if record is not None:
-        states = jtu.tree_map(lambda x: x.reshape((-1,) + x.shape[2:]), recs)
-        trajectory = Trajectory(None, None, None, num_steps, states, *_slot_fields(slots))
-    return LoopOutput(ys, result, stats, state, trajectory, ts[-1])
+        trajectory = Trajectory(None, None, None, num_steps, flat(recs), *_slot_fields(slots))
+    if config.dense:
+        dense = _dense.DenseInterpolation(*flat(dense), num_steps)
+    return LoopOutput(ys, result, stats, state, trajectory, ts[-1], dense=dense)
 
 
 def _slot_fields(slots):
@@ -335,6 +374,8 @@ class _Carry(eqx.Module):
     result: RESULTS
     y_max: jax.Array  # the largest RMS of y so far (parasitic_check)
     ys: object
+    ys_dot: object  # dy/dt at outputs inside steps (for ∂/∂ts), or None
+    dense: object  # every accepted step's (t_k, h_k, interpolant), or None
     rec: object
     slots: object  # Restarts: (slot steps, slot states, spacing), or None
 
@@ -344,11 +385,61 @@ def _write(buffer, index, value, pred):
     return jtu.tree_map(lambda v, b: b.at[index].set(v, pred=pred), value, buffer)
 
 
+def _loop_kwargs(kind, checkpoints):
+    return {"checkpoints": checkpoints} if kind == "checkpointed" else {}
+
+
+def leading_outputs(ts):
+    """`j0`: how many output times equal `ts[0]` (they all take `y0`, no step)."""
+    later = ts != ts[0]
+    return jnp.where(jnp.any(later), jnp.argmax(later), ts.shape[0]).astype(jnp.int32)
+
+
+def _save_outputs(ts, j, took, t_k, h, t1, y1, coeffs, ys, ys_dot, direction, kind):
+    """After a step from `t_k` to `t1 = t_k + h` (taken if `took`), write every output
+    `ts[j] ... ` it reaches: those strictly inside from the step's interpolant
+    (`coeffs`, `malijax._dense`; None when steps land on every output, and then none
+    is inside), those at `t1` itself (repeats included) as the new state `y1`. Returns
+    `(j, mid, ys, ys_dot)`: outputs `[j_in, mid)` were interpolated, `[mid, j)` landed.
+    A nested loop, since any number of outputs may fall in one step."""
+    num_out = ts.shape[0]
+
+    def cond(s):
+        j = s[0]
+        return took & (j < num_out) & (direction * (ts[jnp.minimum(j, num_out - 1)] - t1) <= 0)
+
+    def body(s):
+        j, mid, ys, ys_dot = s
+        s_j = ts[j]
+        if coeffs is None:
+            y = y1
+        else:
+            inside = s_j != t1
+            # (h = 0 for an element that finished before the others of a vmapped batch:
+            # no NaN, not even in an unselected branch, where gradients would see it.)
+            h_safe = jnp.where(h == 0, 1, h)
+            theta = (s_j - t_k) / h_safe
+            y = tree_where(inside, _dense.evaluate(coeffs, theta), y1)
+            mid = jnp.where(inside, j + 1, mid)
+            if ys_dot is not None:
+                ys_dot = _write(ys_dot, j, _dense.derivative(coeffs, theta, h_safe), inside)
+        return j + 1, mid, _write(ys, j, y, True), ys_dot
+
+    has_dot = ys_dot is not None
+    return eqxi.while_loop(
+        cond, body, (j, j, ys, ys_dot), max_steps=num_out, kind=kind,
+        buffers=lambda s: (s[2], s[3]) if has_dot else s[2], **_loop_kwargs(kind, num_out),
+    )
+
+
 def _integrate_while(
-    problem, config, state0, result0, direction, kind, record, checkpoints, restarts
+    problem, config, state0, result0, direction, kind, record, checkpoints, restarts,
+    derivatives,
 ):
     """Adaptive steps or `step_size` (or, for checkpointing, a `num_steps` grid): one
-    while loop bounded by `max_steps`."""
+    while loop bounded by `max_steps`. Each iteration proposes a step (`propose`),
+    takes and judges it (`attempt`), writes the outputs it reached (`_save_outputs`),
+    records it for a gradient strategy (`record_step`) and notes failures (`judge`)."""
     func, y0, ts, args = problem.func, problem.y0, problem.ts, problem.args
     solver, controller, max_steps = config.solver, config.controller, config.max_steps
     dtype = ts.dtype
@@ -356,6 +447,8 @@ def _integrate_while(
     num_out = ts.shape[0]
     adaptive = isinstance(controller, PIController)
     grid = controller is None
+    # Steps chosen by the tolerance (or step_size) alone, outputs from the interpolant.
+    interpolate = config.interpolates(num_out)
     if grid:
         max_steps = config.num_steps * (num_out - 1)  # exactly the grid's steps
 
@@ -369,44 +462,56 @@ def _integrate_while(
         h0 = jnp.abs(jnp.asarray(controller.step_size, dtype))
         init_fevals = solver.fevals_init
 
-    ys = _nan_buffer((num_out,), y0)
-    ys = jtu.tree_map(lambda b, y: b.at[0].set(y), ys, y0)
+    j0 = jnp.ones((), jnp.int32) if grid else leading_outputs(ts)
+    # Outputs at ts[0] (repeats included) take y0 before any step.
+    leading = jnp.arange(num_out, dtype=jnp.int32) < j0
+    ys = jtu.tree_map(
+        lambda y: jnp.where(leading.reshape((-1,) + (1,) * y.ndim), y[None],
+                            jnp.full((num_out,) + y.shape, jnp.nan, y.dtype)),
+        y0,
+    )
+    ys_dot = _nan_buffer((num_out,), y0) if interpolate and derivatives else None
     rec = None
     if record is not None:
         checkpoint = solver.checkpoint(state0) if record == "states" else None
-        rec = (
-            jnp.zeros((max_steps,), dtype),
-            jnp.zeros((max_steps,), dtype),
-            jnp.full((max_steps,), -1, jnp.int32),
-            _nan_buffer((max_steps,), checkpoint),
-        )
+        minus = jnp.full((max_steps,), -1, jnp.int32)
+        rec = (jnp.zeros((max_steps,), dtype), jnp.zeros((max_steps,), dtype), minus, minus,
+               minus, _nan_buffer((max_steps,), checkpoint))
         check_buffer_memory(max_steps, rec)  # traced: nothing is allocated yet
     slots0 = None if restarts is None else restarts.init(state0)
+    dense0 = None
+    if config.dense:
+        coeffs = jax.eval_shape(lambda: solver.step_dense(func, ts[0], ts[0], state0, args)[2])
+        dense0 = (jnp.zeros((max_steps,), dtype), jnp.ones((max_steps,), dtype),
+                  _nan_buffer((max_steps,), coeffs))
+        check_buffer_memory(max_steps, dense0)
 
-    def cond(c):
-        return (c.j < num_out) & (c.result == RESULTS.successful)
-
-    def body(c):
-        t_target = ts[c.j]
+    def propose(c):
+        """`(c, t_k, h, reach, target)`: the step to try, whether it ends on the output
+        time it aims at (clipped onto it), and that time's index."""
         if grid:  # the same (t_k, h_k) as the scan over a num_steps grid
             t_k, h, out = grid_step(ts, config.num_steps, c.num_steps)
-            c = eqx.tree_at(lambda c: c.t, c, t_k)
-            reach, zero = out >= 0, jnp.array(False)
+            return eqx.tree_at(lambda c: c.t, c, t_k), t_k, h, out >= 0, out
+        target = jnp.asarray(num_out - 1, jnp.int32) if interpolate else c.j
+        t_target = ts[target]
+        remaining = t_target - c.t
+        h_try = direction * c.h
+        # A step within `tiny` of its target is stretched onto it, sparing a sliver of
+        # a step later, but not right after a rejection: the shrunk step would be
+        # stretched back to the size just rejected, and retried unchanged until
+        # max_steps (a livelock, seen in float32 next to a discontinuity at an output).
+        tiny = jnp.where(
+            c.rejected_before, 0, 100 * eps * jnp.maximum(jnp.abs(t_target), jnp.abs(c.t))
+        )
+        reach = jnp.abs(remaining) <= jnp.abs(h_try) + tiny
+        return c, c.t, jnp.where(reach, remaining, h_try), reach, target
+
+    def attempt(c, h):
+        """Take the step; `(state1, coeffs, accept, h_next, prev_ratio, finite, outgrown)`."""
+        if config.steps_dense(num_out):
+            state1, error, coeffs = solver.step_dense(func, c.t, h, c.state, args)
         else:
-            remaining = t_target - c.t
-            h_try = direction * c.h
-            # A step within `tiny` of an output time is stretched onto it, sparing a
-            # sliver of a step later, but not right after a rejection: the shrunk
-            # step would be stretched back to the size just rejected, and retried
-            # unchanged until max_steps (a livelock, seen in float32 next to a
-            # discontinuity at an output time).
-            tiny = jnp.where(
-                c.rejected_before, 0, 100 * eps * jnp.maximum(jnp.abs(t_target), jnp.abs(c.t))
-            )
-            reach = jnp.abs(remaining) <= jnp.abs(h_try) + tiny
-            zero = remaining == 0  # a repeated output time: land again, take no step
-            h = jnp.where(reach, remaining, h_try)
-        state1, error = solver.step(func, c.t, h, c.state, args)
+            (state1, error), coeffs = solver.step(func, c.t, h, c.state, args), None
         finite = tree_all_finite(state1)
         y_max, outgrown = parasitic_check(solver, state1, error, c.y_max, dtype)
         if adaptive:
@@ -414,25 +519,19 @@ def _integrate_while(
                 solver.y(c.state), solver.y(state1), error, jnp.abs(h), c.prev_ratio,
                 c.rejected_before, finite, solver.error_order, dtype,
             )
-            # Clipping to an output time must not shrink the steps that follow.
-            h_next = jnp.where(accept & reach, jnp.maximum(h_next, c.h), h_next)
         else:
             accept, h_next, prev_ratio = finite, c.h, c.prev_ratio
-        accept = accept | zero
-        h_next = jnp.where(zero, c.h, h_next)
-        took = accept & ~zero
-        state = tree_where(took, state1, c.state)
-        t = jnp.where(took, jnp.where(reach, t_target, c.t + h), c.t)
-        lands = accept & reach
-        ys = _write(c.ys, c.j, solver.y(state), lands)
-        rec = c.rec
-        if record is not None:
-            checkpoint = solver.checkpoint(c.state) if record == "states" else None
-            out = jnp.where(reach, c.j, -1).astype(jnp.int32)
-            rec = _write(rec, c.num_steps, (c.t, h, out, checkpoint), took)
-        slots = c.slots
-        if restarts is not None:
-            slots = restarts.update(slots, c.num_steps, c.state, took, _write)
+        return state1, coeffs, accept, h_next, prev_ratio, finite, y_max, outgrown
+
+    def record_step(c, h, reach, target, mid, hi, took):
+        if record is None:
+            return c.rec
+        checkpoint = solver.checkpoint(c.state) if record == "states" else None
+        end = jnp.where(reach, target, -1).astype(jnp.int32)
+        return _write(c.rec, c.num_steps, (c.t, h, end, mid, hi, checkpoint), took)
+
+    def judge(c, accept, h_next, finite, took, outgrown, t_target):
+        """The result after this iteration: a failure is noted once, where it happens."""
         if adaptive:
             # The smallest step that still moves t: a couple of units in the last place.
             floor = 2 * eps * jnp.maximum(jnp.abs(c.t), jnp.abs(t_target))
@@ -442,23 +541,51 @@ def _integrate_while(
             failed, code = ~accept, RESULTS.nonfinite_state
         result = RESULTS.where(failed, code, c.result)
         # Only accepted steps count: a rejected trial may be as wild as it likes.
-        result = RESULTS.where(
+        return RESULTS.where(
             took & outgrown & (result == RESULTS.successful), RESULTS.parasitic_instability, result
         )
-        y_max = jnp.where(took, y_max, c.y_max)
+
+    def cond(c):
+        return (c.j < num_out) & (c.result == RESULTS.successful)
+
+    def body(c):
+        c, t_k, h, reach, target = propose(c)
+        state1, coeffs, accept, h_next, prev_ratio, finite, y_max, outgrown = attempt(c, h)
+        if adaptive:  # clipping to an output time must not shrink the steps that follow
+            h_next = jnp.where(accept & reach, jnp.maximum(h_next, c.h), h_next)
+        took = accept
+        state = tree_where(took, state1, c.state)
+        t1 = jnp.where(reach, ts[target], t_k + h)
+        if grid:  # exactly one output per interval, even where ts repeats
+            j, mid = c.j + reach.astype(jnp.int32), c.j
+            ys, ys_dot = _write(c.ys, c.j, solver.y(state), reach), None
+        else:
+            j, mid, ys, ys_dot = _save_outputs(
+                ts, c.j, took, t_k, h, t1, solver.y(state1), coeffs if interpolate else None,
+                c.ys, c.ys_dot, direction, kind,
+            )
+        rec = record_step(c, h, reach, target, mid, j, took)
+        dense = c.dense
+        if config.dense:
+            dense = _write(dense, c.num_steps, (t_k, h, coeffs), took)
+        slots = c.slots
+        if restarts is not None:
+            slots = restarts.update(slots, c.num_steps, c.state, took, _write)
         return _Carry(
-            t=t,
+            t=jnp.where(took, t1, c.t),
             h=h_next,
             state=state,
-            j=c.j + lands.astype(jnp.int32),
+            j=j,
             num_steps=c.num_steps + took.astype(jnp.int32),
             num_rejected=c.num_rejected + (~accept).astype(jnp.int32),
             num_iters=c.num_iters + 1,
             prev_ratio=prev_ratio,
             rejected_before=~accept,
-            result=result,
-            y_max=y_max,
+            result=judge(c, accept, h_next, finite, took, outgrown, ts[target]),
+            y_max=jnp.where(took, y_max, c.y_max),
             ys=ys,
+            ys_dot=ys_dot,
+            dense=dense,
             rec=rec,
             slots=slots,
         )
@@ -468,7 +595,7 @@ def _integrate_while(
         t=ts[0],
         h=h0,
         state=state0,
-        j=jnp.ones((), jnp.int32),
+        j=j0,
         num_steps=zero_i,
         num_rejected=zero_i,
         num_iters=zero_i,
@@ -477,17 +604,26 @@ def _integrate_while(
         result=result0,
         y_max=rms_norm(y0, dtype),
         ys=ys,
+        ys_dot=ys_dot,
+        dense=dense0,
         rec=rec,
         slots=slots0,
     )
+    # Buffers written in place; equinox's checkpointed loop refuses None among them.
+    kept = (True, ys_dot is not None, rec is not None, restarts is not None, dense0 is not None)
+
+    def buffers(c):
+        parts = (c.ys, c.ys_dot, c.rec, None if restarts is None else c.slots[1], c.dense)
+        return tuple(b for b, keep in zip(parts, kept) if keep)
+
     c = eqxi.while_loop(
         cond,
         body,
         carry0,
         max_steps=max_steps,
-        buffers=lambda c: (c.ys, c.rec) if restarts is None else (c.ys, c.rec, c.slots[1]),
+        buffers=buffers,
         kind=kind,
-        **({"checkpoints": checkpoints} if kind == "checkpointed" else {}),
+        **_loop_kwargs(kind, checkpoints),
     )
     result = RESULTS.where(
         (c.j < num_out) & (c.result == RESULTS.successful),
@@ -502,7 +638,9 @@ def _integrate_while(
     }
     trajectory = None
     if record is not None:
-        t_k, h_k, out, states = c.rec
-        trajectory = Trajectory(t_k, h_k, out, c.num_steps, states, *_slot_fields(c.slots))
+        t_k, h_k, end, mid, hi, states = c.rec
+        trajectory = Trajectory(t_k, h_k, end, c.num_steps, states, *_slot_fields(c.slots),
+                                mid=mid, hi=hi, first=j0)
     t_target = ts[jnp.minimum(c.j, num_out - 1)]
-    return LoopOutput(c.ys, result, stats, c.state, trajectory, t_target)
+    dense = None if dense0 is None else _dense.DenseInterpolation(*c.dense, c.num_steps)
+    return LoopOutput(c.ys, result, stats, c.state, trajectory, t_target, c.ys_dot, dense)

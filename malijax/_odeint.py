@@ -158,7 +158,8 @@ def _solve(problem, config, gradient):
             out.t_target,
             report,
         )
-    return Solution(ts=problem.ts, ys=ys, result=out.result, stats=out.stats)
+    return Solution(ts=problem.ts, ys=ys, result=out.result, stats=out.stats,
+                    interpolation=out.dense)
 
 
 def solve(
@@ -175,19 +176,28 @@ def solve(
     num_steps=None,
     max_steps=4096,
     throw=True,
+    land_on_outputs=False,
+    dense=False,
 ):
     """Solve `dy/dt = func(t, y, args)` from `y(ts[0]) = y0`; returns a `Solution`.
 
-    Takes the same arguments as [`malijax.odeint`][], which documents them.
+    Takes the same arguments as [`malijax.odeint`][], which documents them, and
+    `dense`: if `True`, the `Solution` keeps every accepted step's continuous extension,
+    and `sol.evaluate(t)` / `sol.derivative(t)` work anywhere in `[ts[0], ts[-1]]` (Diffrax's
+    `SaveAt(dense=True)`), with gradients through them for every strategy but the
+    `Adjoint`. Memory: `(P + 1)` states per step, `P` the interpolant's degree (5 for
+    Tsit5), in buffers sized by `max_steps` under adaptive stepping (by the grid's
+    steps on a `num_steps` grid), like the per-step records of `ACA`.
     """
     return run(
         func, y0, ts, args, solver=solver, gradient=gradient, rtol=rtol, atol=atol,
         step_size=step_size, num_steps=num_steps, max_steps=max_steps, throw=throw,
+        land_on_outputs=land_on_outputs, dense=dense,
     )
 
 
 def run(func, y0, ts, args, *, solver, gradient, rtol, atol, step_size, num_steps, max_steps,
-        throw, max_step=float("inf"), limit=None):
+        throw, land_on_outputs=False, dense=False, max_step=float("inf"), limit=None):
     """`solve`, plus options kept out of the public signature, used by
     `malijax.compat.odeint`: `max_step` (the largest adaptive step, its `hmax`) and
     `limit` (how messages name the step bound, `Config.limit`)."""
@@ -222,7 +232,11 @@ def run(func, y0, ts, args, *, solver, gradient, rtol, atol, step_size, num_step
         reverse_levels=reverse_levels((y0, ts, args, func_arrays)),
         limit=limit,
         call_site=call_site() if gradient.reconstructs else None,
+        land_on_outputs=bool(land_on_outputs),
+        dense=bool(dense),
     )
+    if dense and ts.shape[0] < 2:
+        raise ValueError("`dense=True` needs at least two output times (an interval).")
     gradient.check(solver, config)
     if forward_mode_innermost((y0, ts, args, func_arrays)) and not gradient.supports_forward_mode(config):
         name = type(gradient).__name__
@@ -253,6 +267,7 @@ def odeint(
     num_steps=None,
     max_steps=4096,
     throw=True,
+    land_on_outputs=False,
 ):
     r"""Integrate `dy/dt = func(t, y, args)` and return `y` at every time in `ts`.
 
@@ -265,8 +280,12 @@ def odeint(
       (complex states: error norms use `|·|`; `ts` stay real).
     - `ts`: 1-D, nondecreasing or nonincreasing output times. A repeated time is a
       zero-length interval (its output repeats the previous one; all equal is the
-      identity), as in padded sequences. Every output time is hit exactly by clipping
-      a step to it; there is no interpolation.
+      identity), as in padded sequences. Output times do not dictate steps: adaptive
+      and `step_size` solves choose steps by the tolerance (or `step_size`) alone,
+      clipping only the last onto `ts[-1]`, and an output inside a step comes from the
+      solver's continuous extension (its order is in each solver's docstring), with
+      exact gradients through it, `ts` included. `num_steps` grids land on every
+      output.
     - `args`: passed to `func`; its array leaves receive gradients.
     - `solver`: `Reversible(Tsit5())` (default: stable on dissipative problems, exact
       MALI gradients; see `benchmarks/results/defaults.md`), `Reversible(rk_solver)`,
@@ -279,12 +298,14 @@ def odeint(
       `grad(grad(...))` (README: "Gradients").
     - `rtol`, `atol`: tolerances for adaptive steps (used when neither `step_size` nor
       `num_steps` is given). The error norm is the RMS over every element of the state.
-    - `step_size`: fixed steps of this size; the last step before each output time is
-      clipped to land on it.
+    - `step_size`: fixed steps of this size; the last is clipped onto `ts[-1]` (with
+      `land_on_outputs=True`, the last before each output time onto it).
     - `num_steps`: a static int; every output interval is split into this many equal
       steps, run as a `lax.scan` (the cheapest, most predictable grid).
     - `max_steps`: a static bound on accepted plus rejected steps of the while loop
       (adaptive and `step_size` solves). It sizes the buffers strategies record into.
+    - `land_on_outputs`: if `True`, clip a step onto every output time instead of
+      interpolating (outputs on step boundaries; more steps when outputs are dense).
     - `throw`: if `True` (default) a failed solve raises an error that says what
       happened, where and what to try; if `False` it never raises: inspect
       `solve(...).result`. Unreached outputs are NaN. Under `vmap` one failing element
@@ -315,4 +336,5 @@ def odeint(
         num_steps=num_steps,
         max_steps=max_steps,
         throw=throw,
+        land_on_outputs=land_on_outputs,
     ).ys

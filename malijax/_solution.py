@@ -34,9 +34,33 @@ class Solution(eqx.Module):
     - `stats`: `num_steps` (accepted steps), `num_rejected`, `num_fevals` (forward
       evaluations of `func`, including the initial-step heuristic), `t_final` (the
       time the solve reached).
+    - `interpolation`: with `solve(..., dense=True)`, every accepted step's continuous
+      extension (`malijax._dense.DenseInterpolation`), which `evaluate` and
+      `derivative` read; otherwise None.
     """
 
     ts: Array
     ys: PyTree[Array]
     result: RESULTS
     stats: dict[str, Array]
+    interpolation: object = None
+
+    def _dense(self):
+        if self.interpolation is None:
+            raise ValueError(
+                "`evaluate`/`derivative` need the dense solution: call "
+                "`mj.solve(..., dense=True)`."
+            )
+        return self.interpolation
+
+    def evaluate(self, t):
+        """`y(t)` for any `t` in `[ts[0], ts[-1]]`, from the solver's continuous extension
+        over the accepted step holding `t` (its order is in the solver's docstring).
+        Works under `jit`, `vmap` (e.g. over many `t`) and `grad`, with respect to `t`
+        and to everything the solve depends on."""
+        return self._dense().evaluate(t)
+
+    def derivative(self, t):
+        """`dy/dt` of the interpolant at `t` (not `func(t, y(t))`: the derivative of the
+        piecewise polynomial that `evaluate` returns)."""
+        return self._dense().derivative(t)

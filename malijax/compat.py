@@ -24,8 +24,9 @@ def odeint(func, y0, t, *args, rtol=1.4e-8, atol=1.4e-8, mxstep=math.inf, hmax=m
 
     The call signature, defaults and result (`y` at every time of `t`, leading axis
     `len(t)`) are those of `jax.experimental.ode.odeint`; results agree with it to
-    the solver tolerance (it interpolates to the output times, malijax clips a step
-    to land on each). The differences are what make it safe:
+    the solver tolerance (both take steps by the tolerance alone and interpolate at the
+    output times, with Dopri5's 4th-order interpolant). The differences are what make
+    it safe:
 
     - hitting `mxstep` or a non-finite state raises an error that says where (t and
       step counts) and what to try, instead of returning garbage;

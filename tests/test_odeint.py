@@ -397,9 +397,14 @@ def test_step_size_last_step_clipped(solver):
     at_09 = manual_solve(solver, cos_growth, y0, steps[:3], 1.3)
     assert rel(sol.ys[-1], at_09) > 1e-2
 
-    # With several outputs the last step before each output is clipped onto it.
+    # With several outputs the steps are the same (0.5 is interpolated, tests/test_dense.py)
     sol = mj.solve(cos_growth, y0, jnp.array([0.0, 0.5, 1.0]), 1.3, solver=solver,
                    step_size=0.3)
+    assert int(sol.stats["num_steps"]) == 4
+    assert rel(sol.ys[2], manual) < 1e-13
+    # ... unless steps land on outputs: then the last step before each is clipped onto it.
+    sol = mj.solve(cos_growth, y0, jnp.array([0.0, 0.5, 1.0]), 1.3, solver=solver,
+                   step_size=0.3, land_on_outputs=True)
     assert int(sol.stats["num_steps"]) == 4
     steps = [(0.0, 0.3), (0.3, 0.5 - 0.3), (0.5, 0.3), (0.5 + 0.3, 1.0 - (0.5 + 0.3))]
     assert rel(sol.ys[1], manual_solve(solver, cos_growth, y0, steps[:2], 1.3)) < 1e-13

@@ -675,15 +675,18 @@ NFE_CASES = [
     (mj.Dopri5(), dict(num_steps=7), 1 + 6 * 7 * 2),  # FSAL: 1 in init, 6 per step
     (mj.ALF(), dict(num_steps=7), 1 + 7 * 2),  # v0 = f(z0), then 1 per step
     (mj.RK4(), dict(num_steps=7), 4 * 7 * 2),
-    (mj.RK4(), dict(step_size=0.3), 4 * (4 + 4)),  # [0,1]: 3 + clipped; [1,2]: same
+    (mj.RK4(), dict(step_size=0.3), 4 * 7),  # [0, 2]: 6 steps + the last clipped onto 2
+    (mj.RK4(), dict(step_size=0.3, land_on_outputs=True), 4 * (4 + 4)),  # 3 + clipped, twice
     (mj.Dopri5(), dict(rtol=1e-6, atol=1e-9), None),
-    (mj.ALF(), dict(rtol=1e-3, atol=1e-6), None),
+    # (landing on t = 1 makes the controller reject a step here)
+    (mj.ALF(), dict(rtol=1e-3, atol=1e-6, land_on_outputs=True), None),
 ]
 
 
 @pytest.mark.parametrize(
     "solver, kw, expected", NFE_CASES,
-    ids=["Dopri5-grid", "ALF-grid", "RK4-grid", "RK4-step_size", "Dopri5-adaptive",
+    ids=["Dopri5-grid", "ALF-grid", "RK4-grid", "RK4-step_size", "RK4-step_size-land",
+         "Dopri5-adaptive",
          "ALF-adaptive"],
 )
 def test_num_fevals_is_the_true_count(solver, kw, expected):

@@ -1,13 +1,17 @@
-"""The one reverse sweep shared by the custom-VJP strategies (ACA, MALI).
+"""The one reverse sweep shared by the custom-VJP strategies (ACA, MALI, SymplecticAdjoint).
 
 The forward map is `y0 -> x_0 -> x_1 -> ... -> x_N`, one solver step per arrow, where
 `x_k` is what a strategy carries between steps (a checkpoint for ACA, the whole solver
-state for MALI) and the output `ys[j]` is `y(x_{k+1})` for the step `k` that ends on
-`ts[j]`. The sweep walks the recorded steps backwards carrying `(x_{k+1}, ∂L/∂x_{k+1})`;
-a strategy only says how one step is undone (`backward_step`): it returns `x_k`, the
-cotangent of `x_k` (including the output cotangent attached to `x_k`, which it is given
-with `h_{k-1}` so that a fused step can look one step ahead), and the cotangents of
-`func`, `args`, `t_k` and `h_k`. `prologue` may adjust the final state's cotangent.
+state for MALI). Step `k` also forms its interpolant, a polynomial in `θ` whose
+coefficients `C^k` are linear in the step's own values (`malijax/_dense.py`), and the
+outputs it reached are `y(x_{k+1})` (those at its end) or `Σ_p θ_j^p C^k_p` (those
+inside it). The sweep walks the recorded steps backwards carrying
+`(x_{k+1}, ∂L/∂x_{k+1})`; before step `k` it gathers the outputs of step `k - 1` (a loop
+over them, any number per step: `_gather_outputs`) into the cotangent of `y(x_k)` and of
+`C^{k-1}`, so that a fused step may look one step back. A strategy only says how one step
+is undone (`backward_step`): it returns `x_k`, the cotangent of `x_k` (including the output
+cotangent attached to `x_k`), and the cotangents of `func`, `args`, `t_k` and `h_k`, given
+those of `x_{k+1}` and of `C^k`. `prologue` may adjust the final state's cotangent.
 
 Stored states and reconstruction are the two ends of one scale. ACA stores `x_k` at
 every step and its `backward_step` loads it; MALI stores none and rebuilds `x_k` from
@@ -39,9 +43,11 @@ levels (`Config.reverse_levels`, `malijax/_transforms.py`), both run in Equinox'
 loop instead of `lax.while_loop`, which JAX cannot transpose.
 
 Time gradients are exact for the computed discretisation, the same as `Direct`: the
-step sizes chosen by the controller are constants (`stop_gradient`), a step clipped to
-land on `ts[j]` has `h_k = ts[j] - t_k` and ends at `t_{k+1} = ts[j]`, any other step
-ends at `t_k + h_k`, and on a `num_steps=N` grid `t_k = ts[i] + n (ts[i+1] - ts[i]) / N`.
+step sizes chosen by the controller are constants (`stop_gradient`), a step clipped onto
+`ts[j]` (the last, or every output's with `land_on_outputs`) has `h_k = ts[j] - t_k` and
+ends at `t_{k+1} = ts[j]`, any other step ends at `t_k + h_k`, on a `num_steps=N` grid
+`t_k = ts[i] + n (ts[i+1] - ts[i]) / N`, and an output inside a step moves its `θ_j =
+(ts[j] - t_k) / h_k`, not the step.
 """
 
 import equinox as eqx
@@ -50,30 +56,53 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 
+from .. import _dense
 from .._batching import any_over_batch, summing, summing_over_batch, value_and_vjp
 from .._loop import LoopOutput, Problem, grid_step, integrate
-from .._misc import cotangent_or_zeros, real_dtype, tree_add, tree_where, tree_zeros_like
+from .._misc import (
+    cotangent_or_zeros, real_dtype, tree_add, tree_dot, tree_where, tree_zeros_like,
+)
 
 
-def _output_cotangent(ct_ys, out):
-    """`∂L/∂ys[out]`, or zeros when the step ends on no output (`out = -1`)."""
-    return jtu.tree_map(
-        lambda c: jnp.where(out >= 0, c[jnp.maximum(out, 0)], jnp.zeros_like(c[0])), ct_ys
+def _gather_outputs(ct_ys, ys_dot, ts, step, active, degree, while_kind):
+    """The outputs step `k` reached, pulled back to what the step computed.
+
+    `step = (t_k, h_k, lo, mid, hi)`: outputs `[lo, mid)` came from the step's
+    interpolant (`malijax._dense`), `[mid, hi)` are its end state. Returns
+    `(ct_end, ct_coeffs, ct_ts, g_t, g_h)`: the summed cotangent of the outputs at the
+    end, `C̄_p = Σ_j θ_j^p ȳ_j` over the interpolated ones (None unless `dense`), and
+    their `ts` terms: `∂L/∂s_j = ⟨ȳ_j, ẏ_j⟩` (from the forward's `ys_dot`, when `ts`
+    is differentiated), and `-⟨ȳ_j, ẏ_j⟩`, `-θ_j ⟨ȳ_j, ẏ_j⟩` on `t_k`, `h_k` through
+    `θ_j = (s_j - t_k) / h_k`. `degree` is the interpolant's (None: no output is inside
+    a step). Empty unless `active`. A loop over the step's outputs: any number may
+    fall in one step."""
+    t, h, lo, mid, hi = step
+    hi = jnp.where(active, hi, lo)
+    zero_y = jtu.tree_map(lambda c: jnp.zeros_like(c[0]), ct_ys)
+    dense = degree is not None
+    ct_coeffs = tuple(zero_y for _ in range(degree + 1)) if dense else None
+    zero_t = jnp.zeros((), ts.dtype)
+
+    def body(s):
+        j, ct_end, ct_coeffs, ct_ts, g_t, g_h = s
+        c = jtu.tree_map(lambda x: x[j], ct_ys)
+        inside = j < mid
+        ct_end = tree_add(ct_end, tree_where(inside, zero_y, c))
+        if dense:
+            theta = (ts[j] - t) / jnp.where(h == 0, 1, h)
+            weights = [jnp.where(inside, w, 0) for w in _dense.powers(theta, degree)]
+            ct_coeffs = tuple(tree_add(a, b) for a, b in zip(ct_coeffs, _dense.scaled(c, weights)))
+            if ys_dot is not None:
+                d = jnp.where(inside, tree_dot(c, jtu.tree_map(lambda x: x[j], ys_dot), ts.dtype), 0)
+                ct_ts = ct_ts.at[j].add(d)
+                g_t, g_h = g_t - d, g_h - theta * d
+        return j + 1, ct_end, ct_coeffs, ct_ts, g_t, g_h
+
+    init = (lo, zero_y, ct_coeffs, jnp.zeros_like(ts), zero_t, zero_t)
+    _, ct_end, ct_coeffs, ct_ts, g_t, g_h = eqxi.while_loop(
+        lambda s: s[0] < hi, body, init, max_steps=ts.shape[0], kind=while_kind
     )
-
-
-def fold_repeated_outputs(ct_ys, ts):
-    """Move each output's cotangent to the first of its run of equal output times.
-
-    The while loop takes no step over a zero-length interval (`ts[j+1] == ts[j]`): it
-    copies `ys[j+1] = ys[j]`, so `∂L/∂ys[j+1]` belongs where the step reaching `ts[j]`
-    ends. (All of `ts` equal: everything lands on `ys[0] = y0`.) A `num_steps` grid
-    takes its `N` steps of size zero instead, each run of the scan ending on its own
-    output, and needs no folding."""
-    index = jnp.arange(ts.shape[0])
-    starts_run = jnp.concatenate([jnp.array([True]), ts[1:] != ts[:-1]])
-    first = jax.lax.cummax(jnp.where(starts_run, index, 0))
-    return jtu.tree_map(lambda c: jnp.zeros_like(c).at[first].add(c), ct_ys)
+    return ct_end, ct_coeffs, ct_ts, g_t, g_h
 
 
 def relative_difference(rebuilt, stored):
@@ -119,109 +148,143 @@ def solve_with_custom_vjp(strategy, problem, config):
     """Run the forward loop under a custom VJP whose backward is `reverse_sweep`."""
     func = eqx.filter_closure_convert(problem.func, problem.ts[0], problem.y0, problem.args)
     diff = (problem.y0, func, problem.args, problem.ts)
-    ys, result, stats, t_target = _solve(diff, config, strategy)
-    return LoopOutput(ys, result, stats, None, None, t_target)
+    ys, result, stats, t_target, dense = _solve(diff, config, strategy)
+    return LoopOutput(ys, result, stats, None, None, t_target, dense=dense)
 
 
-def _forward(diff, config, strategy):
+def _forward(diff, config, strategy, derivatives=False):
     y0, func, args, ts = diff
     restarts = strategy.restarts(config, ts.shape[0], y0)
     return integrate(
         Problem(func, y0, ts, args), config, kind=config.while_kind(1), record=strategy.record,
-        restarts=restarts,
+        restarts=restarts, derivatives=derivatives,
     )
 
 
 @eqx.filter_custom_vjp
 def _solve(diff, config, strategy):
     out = _forward(diff, config, strategy)
-    return out.ys, out.result, out.stats, out.t_target
+    return out.ys, out.result, out.stats, out.t_target, out.dense
 
 
 @_solve.def_fwd
 def _solve_fwd(perturbed, diff, config, strategy):
-    del perturbed
-    out = _forward(diff, config, strategy)
-    return (out.ys, out.result, out.stats, out.t_target), (out.trajectory, out.final_state)
+    # dy/dt at outputs inside steps is kept only when `ts` is differentiated.
+    ts_perturbed = any(jtu.tree_leaves(perturbed[3]))
+    out = _forward(diff, config, strategy, derivatives=ts_perturbed)
+    residuals = (out.trajectory, out.final_state, out.ys_dot)
+    return (out.ys, out.result, out.stats, out.t_target, out.dense), residuals
 
 
 @_solve.def_bwd
 def _solve_bwd(residuals, grad_obj, perturbed, diff, config, strategy):
     del perturbed
-    trajectory, final_state = residuals
+    trajectory, final_state, ys_dot = residuals
     num_out = diff[3].shape[0]
     ys_like = jtu.tree_map(lambda y: jax.ShapeDtypeStruct((num_out,) + y.shape, y.dtype), diff[0])
     ct_ys = cotangent_or_zeros(grad_obj[0], ys_like)
+    ct_steps = None
+    if config.dense and grad_obj[4] is not None:  # every step's (t_k, h_k, interpolant)
+        ct = grad_obj[4]
+        like = jax.eval_shape(lambda: _forward(diff, config, strategy).dense)  # no run-time cost
+        ct_steps = cotangent_or_zeros(
+            (ct.ts, ct.hs, ct.coeffs), (like.ts, like.hs, like.coeffs)
+        )
     with summing_over_batch(config.sum_over_batch):
-        return reverse_sweep(strategy, diff, config, trajectory, final_state, ct_ys)
+        return reverse_sweep(strategy, diff, config, trajectory, final_state, ct_ys, ys_dot,
+                             ct_steps)
 
 
-def reverse_sweep(strategy, diff, config, traj, final_state, ct_ys):
+def reverse_sweep(strategy, diff, config, traj, final_state, ct_ys, ys_dot=None, ct_steps=None):
+    """Walk the recorded steps backwards (see the module docstring). `ys_dot`: `dy/dt` at
+    the outputs inside steps (when `ts` is differentiated); `ct_steps`: the cotangents of
+    every step's `(t_k, h_k, interpolant coefficients)` from `solve(..., dense=True)`."""
     y0, func, args, ts = diff
     solver = config.solver
     num_out = ts.shape[0]
     # A num_steps grid (scan) rather than a while loop; one output time takes no steps.
     grid = config.controller is None or num_out == 1
-    if not grid:
-        ct_ys = fold_repeated_outputs(ct_ys, ts)
+    degree = solver.dense_degree if config.steps_dense(num_out) and num_out > 1 else None
     n_per = config.num_steps if num_out > 1 and grid else 0
     x_final = strategy.final_carry(solver, final_state)
+    loop_kind = config.while_kind(1)
 
     def step_at(k):
-        """(t_k, h_k, out_k) of recorded step k."""
+        """`(t_k, h_k, end_k, lo_k, mid_k, hi_k)` of recorded step k: the output time it
+        was clipped onto (or -1), and the outputs it reached (`Trajectory`)."""
         if grid:
-            return grid_step(ts, n_per, k)
-        return traj.ts[k], traj.hs[k], traj.out[k]
+            t, h, out = grid_step(ts, n_per, k)
+            lo = jnp.maximum(out, 0)
+            return t, h, out, lo, lo, jnp.where(out >= 0, out + 1, 0)
+        lo = jnp.where(k > 0, traj.hi[jnp.maximum(k - 1, 0)], traj.first)
+        return traj.ts[k], traj.hs[k], traj.out[k], lo, traj.mid[k], traj.hi[k]
+
+    def gather(k, active):
+        t, h, _, lo, mid, hi = step_at(k)
+        out = _gather_outputs(ct_ys, ys_dot, ts, (t, h, lo, mid, hi), active, degree, loop_kind)
+        if ct_steps is None:
+            return out
+        # The dense solution's own rows: cotangents of this step's t_k, h_k, coefficients.
+        ct_end, ct_coeffs, ct_ts, g_t, g_h = out
+        row = jtu.tree_map(lambda c: jnp.where(active, c[k], jnp.zeros_like(c[k])), ct_steps)
+        ct_coeffs = tuple(tree_add(a, b) for a, b in zip(ct_coeffs, row[2]))
+        return ct_end, ct_coeffs, ct_ts, g_t + row[0], g_h + row[1]
 
     restarts = traj is not None and traj.slot_steps is not None
 
     def step_back(k, carry):
-        x1, ct_x1, ct_func, ct_args, ct_t1, ct_ts, worst = carry
-        t, h, out = step_at(k)
+        x1, ct_x1, ct_func, ct_args, ct_t1, ct_ts, worst, ahead = carry
+        ct_coeffs, g_t_out, g_h_out = ahead  # this step's interpolated outputs
+        t, h, end, *_ = step_at(k)
         if restarts:  # x_{k+1}: stored if it was kept (never the final state)
             x1, worst = _restart(traj, k + 1, t + h, x1, worst)
-        # What the strategy needs about step k - 1: its size, and the output cotangent
-        # attached to x_k (the state step k starts from; ys[0] is handled at the end).
-        _, h_prev, out_prev = step_at(jnp.maximum(k - 1, 0))
+        # What the strategy needs about step k - 1: its size, its outputs at x_k (the
+        # state step k starts from) and its interpolated outputs' cotangent, gathered
+        # here one step ahead and carried (a fused step may look one step back).
+        _, h_prev, *_ = step_at(jnp.maximum(k - 1, 0))
         h_prev = jnp.where(k > 0, h_prev, jnp.zeros_like(h_prev))
-        ct_y0 = _output_cotangent(ct_ys, jnp.where(k > 0, out_prev, -1))
+        ct_y0, ct_coeffs_prev, ct_ts_prev, g_t_prev, g_h_prev = gather(jnp.maximum(k - 1, 0), k > 0)
+        ct_ts = ct_ts + ct_ts_prev
         x0, ct_x0, g_func, g_args, g_t, g_h = strategy.backward_step(
-            solver, func, args, traj, k, t, h, x1, ct_x1, h_prev, ct_y0
+            solver, func, args, traj, k, t, h, x1, ct_x1, h_prev, ct_y0,
+            ct_dense=ct_coeffs, ct_dense_prev=ct_coeffs_prev,
         )
-        g_t = jnp.zeros_like(t) if g_t is None else g_t
-        g_h = jnp.zeros_like(h) if g_h is None else g_h
+        g_t = (jnp.zeros_like(t) if g_t is None else g_t) + g_t_out
+        g_h = (jnp.zeros_like(h) if g_h is None else g_h) + g_h_out
         if grid:
             i, n = k // n_per, k % n_per
             frac = n.astype(ts.dtype) / n_per
             ct_ts = ct_ts.at[i].add(g_t * (1 - frac) - g_h / n_per)
             ct_ts = ct_ts.at[i + 1].add(g_t * frac + g_h / n_per)
             ct_t0 = ct_t1  # unused on a grid: every t_k comes from ts directly
-        else:
-            ends = out >= 0
-            j = jnp.maximum(out, 0)
+        else:  # clipped: h_k = ts[end] - t_k, so t_{k+1} = ts[end]; else t_k + h_k
+            ends = end >= 0
+            j = jnp.maximum(end, 0)
             ct_ts = ct_ts.at[j].add(jnp.where(ends, ct_t1 + g_h, 0))
             ct_t0 = jnp.where(ends, g_t - g_h, g_t + ct_t1)
         ct_func = tree_add(ct_func, g_func)
         ct_args = tree_add(ct_args, g_args)
-        return x0, ct_x0, ct_func, ct_args, ct_t0, ct_ts, worst
+        ahead = (ct_coeffs_prev, g_t_prev, g_h_prev)
+        return x0, ct_x0, ct_func, ct_args, ct_t0, ct_ts, worst, ahead
 
-    # The final state: its output cotangent, then the strategy's prologue (for the
-    # fused reversible Heun, the pull-back through its cached f̂_N).
+    # The final state: the outputs of the last step, then the strategy's prologue (for
+    # the fused reversible Heun, the pull-back through its cached f̂_N).
     num_steps = n_per * (num_out - 1) if grid else traj.num_steps
-    if grid and num_out == 1:
+    if num_out == 1:  # no steps: the output is y0 itself (below)
         ct_x_final, g_func_n, g_args_n, g_t_n = tree_zeros_like(x_final), None, None, None
+        ct_ts0, ahead = jnp.zeros_like(ts), (None, jnp.zeros((), ts.dtype), jnp.zeros((), ts.dtype))
     else:
         last = jnp.maximum(num_steps - 1, 0)
-        _, h_last, out_last = step_at(last)
+        _, h_last, *_ = step_at(last)
+        ct_end, ct_coeffs_last, ct_ts0, g_t_last, g_h_last = gather(last, num_steps > 0)
         ct_x_final = add_output_cotangent(
-            strategy, solver, x_final, tree_zeros_like(x_final),
-            _output_cotangent(ct_ys, jnp.where(num_steps > 0, out_last, -1)),
+            strategy, solver, x_final, tree_zeros_like(x_final), ct_end
         )
         ct_x_final, g_func_n, g_args_n, g_t_n = strategy.prologue(
-            solver, func, args, x_final, ct_x_final, ts[-1], h_last
+            solver, func, args, x_final, ct_x_final, ts[-1], h_last, ct_dense=ct_coeffs_last
         )
+        ahead = (ct_coeffs_last, g_t_last, g_h_last)
     g_t_n = jnp.zeros((), ts.dtype) if g_t_n is None else g_t_n
-    ct_ts0 = jnp.zeros_like(ts)
     if grid:  # t_N = ts[-1]; the grid's chain below never reads the carried ∂L/∂t_{k+1}
         ct_ts0 = ct_ts0.at[-1].add(g_t_n)
         g_t_n = jnp.zeros_like(g_t_n)
@@ -234,6 +297,7 @@ def reverse_sweep(strategy, diff, config, traj, final_state, ct_ys):
         g_t_n,  # ∂L/∂t_N so far
         ct_ts0,
         (jnp.zeros((), ts.dtype), ts[-1]),  # worst reconstruction error, and where
+        ahead,
     )
     if grid and num_out == 1:
         pass  # no steps: only the initial map below
@@ -261,7 +325,9 @@ def reverse_sweep(strategy, diff, config, traj, final_state, ct_ys):
             active = k >= 0
             x1, ct_x1, *rest = inner
             ct_x1 = tree_where(active, ct_x1, tree_zeros_like(ct_x1))
-            new = step_back(jnp.maximum(k, 0), (x1, ct_x1, *rest))
+            *rest, (ct_coeffs, g_t_out, g_h_out) = rest
+            ahead = (_zero_where(~active, ct_coeffs), g_t_out, g_h_out)
+            new = step_back(jnp.maximum(k, 0), (x1, ct_x1, *rest, ahead))
             kept = tree_where(active, new, inner)
             ct_params = (new[2], new[3])  # shared totals: not selected per element
             return k - 1, (*kept[:2], *ct_params, *kept[4:])
@@ -270,12 +336,12 @@ def reverse_sweep(strategy, diff, config, traj, final_state, ct_ys):
             return any_over_batch(c[0] >= 0) if summing() else c[0] >= 0
 
         init = (traj.num_steps - 1, carry)
-        if config.while_kind(1) == "bounded":  # to be reverse-differentiated (_transforms)
+        if loop_kind == "bounded":  # to be reverse-differentiated (_transforms)
             _, carry = eqxi.while_loop(cond, while_body, init, max_steps=config.max_steps,
                                        kind="bounded")
         else:
             _, carry = jax.lax.while_loop(cond, while_body, init)
-    x0_rebuilt, ct_x0, ct_func, ct_args, ct_t0, ct_ts, worst = carry
+    x0_rebuilt, ct_x0, ct_func, ct_args, ct_t0, ct_ts, worst, _ = carry
     ct_ts = ct_ts.at[0].add(ct_t0)
 
     # Through x_0 = to_carry(init(func, t0, y0, args)) (for ALF: v0 = f(t0, z0)).
@@ -288,8 +354,18 @@ def reverse_sweep(strategy, diff, config, traj, final_state, ct_ys):
         strategy.report_reconstruction(
             *worst, dtype=real_dtype(jnp.result_type(*jtu.tree_leaves(x0))), config=config
         )
-    ct_y0 = tree_add(ct_y0, jtu.tree_map(lambda c: c[0], ct_ys))
+    # Outputs [0, first) are at ts[0]: y0 itself.
+    first = 1 if grid else traj.first
+    leading = jnp.arange(num_out, dtype=jnp.int32) < first
+    ct_y0 = tree_add(ct_y0, jtu.tree_map(
+        lambda c: jnp.sum(jnp.where(leading.reshape((-1,) + (1,) * (c.ndim - 1)), c, 0), 0),
+        ct_ys,
+    ))
     ct_ts = ct_ts.at[0].add(jnp.zeros_like(ts[0]) if g_t0 is None else g_t0)
     ct_func = tree_add(ct_func, g_func)
     ct_args = tree_add(ct_args, g_args)
     return (ct_y0, ct_func, ct_args, ct_ts)
+
+
+def _zero_where(pred, tree):
+    return None if tree is None else tree_where(pred, tree_zeros_like(tree), tree)

@@ -40,26 +40,34 @@ class ACA(AbstractGradient):
     def carry_y(self, solver, x):
         return solver.checkpoint_y(x)
 
-    def prologue(self, solver, func, args, x, ct_x, t, h_last):
-        del solver, func, args, x, t, h_last
+    def prologue(self, solver, func, args, x, ct_x, t, h_last, ct_dense=None):
+        del solver, func, args, x, t, h_last, ct_dense
         return ct_x, None, None, None
 
-    def backward_step(self, solver, func, args, traj, k, t, h, x1, ct_x1, h_prev, ct_y0):
-        c0, ct_c0, g_func, g_args, g_t, g_h = self.step_vjp(solver, func, args, traj, k, t, h, ct_x1)
+    def backward_step(self, solver, func, args, traj, k, t, h, x1, ct_x1, h_prev, ct_y0, *,
+                      ct_dense=None, ct_dense_prev=None):
+        del ct_dense_prev
+        c0, ct_c0, g_func, g_args, g_t, g_h = self.step_vjp(
+            solver, func, args, traj, k, t, h, ct_x1, ct_dense
+        )
         ct_c0 = add_output_cotangent(self, solver, c0, ct_c0, ct_y0)
         return c0, ct_c0, g_func, g_args, g_t, g_h
 
-    def step_vjp(self, solver, func, args, traj, k, t, h, ct_x1):
-        """The checkpoint at step k and the VJP of the step from it."""
+    def step_vjp(self, solver, func, args, traj, k, t, h, ct_x1, ct_dense=None):
+        """The checkpoint at step k and the VJP of the step from it, given the
+        cotangents of its end and (or None) of its interpolant's coefficients."""
         c0 = jtu.tree_map(lambda x: x[k], traj.states)
 
         def local(c, func, args, t, h):
             state = solver.restore(func, t, c, args)
-            state1, _ = solver.step(func, t, h, state, args)
-            return solver.checkpoint(state1)
+            if ct_dense is None:
+                return solver.checkpoint(solver.step(func, t, h, state, args)[0])
+            state1, _, coeffs = solver.step_dense(func, t, h, state, args)
+            return solver.checkpoint(state1), coeffs
 
+        ct = ct_x1 if ct_dense is None else (ct_x1, ct_dense)
         _, (g_func, g_args), (ct_c0, g_t, g_h) = value_and_vjp(
-            lambda p, c, t, h: local(c, *p, t, h), (func, args), (c0, t, h), ct_x1
+            lambda p, c, t, h: local(c, *p, t, h), (func, args), (c0, t, h), ct
         )
         return c0, ct_c0, g_func, g_args, g_t, g_h
 

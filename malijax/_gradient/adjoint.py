@@ -51,6 +51,15 @@ class Adjoint(AbstractGradient):
     seminorm: bool = True
     max_steps: int | None = None
 
+    def check(self, solver, config):
+        del solver
+        if config.dense:
+            raise ValueError(
+                "Adjoint() cannot differentiate `solve(..., dense=True)`'s interpolant: its "
+                "backward solve only meets the output times. Take the outputs you need as "
+                "`ts`, or use a discretise-then-optimise strategy (ACA, MALI, Direct, ...)."
+            )
+
     def apply(self, problem, config):
         func = eqx.filter_closure_convert(problem.func, problem.ts[0], problem.y0, problem.args)
         diff = (problem.y0, func, problem.args, problem.ts)

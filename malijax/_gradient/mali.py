@@ -145,9 +145,11 @@ class MALI(AbstractGradient):
     def carry_y(self, solver, x):
         return solver.y(x)
 
-    def prologue(self, solver, func, args, x, ct_x, t, h_last):
-        return solver.inverse_vjp_prologue(func, t, h_last, x, ct_x, args)
+    def prologue(self, solver, func, args, x, ct_x, t, h_last, ct_dense=None):
+        return solver.inverse_vjp_prologue(func, t, h_last, x, ct_x, args, ct_dense=ct_dense)
 
-    def backward_step(self, solver, func, args, traj, k, t, h, x1, ct_x1, h_prev, ct_y0):
+    def backward_step(self, solver, func, args, traj, k, t, h, x1, ct_x1, h_prev, ct_y0, *,
+                      ct_dense=None, ct_dense_prev=None):
         del traj, k
-        return solver.inverse_vjp(func, t, h, x1, ct_x1, args, h_prev=h_prev, ct_y0=ct_y0)
+        return solver.inverse_vjp(func, t, h, x1, ct_x1, args, h_prev=h_prev, ct_y0=ct_y0,
+                                  ct_dense=ct_dense, ct_dense_prev=ct_dense_prev)

@@ -1,5 +1,6 @@
 import jax.numpy as jnp
 import jax.tree_util as jtu
+import numpy as np
 
 from .._batching import call_field, value_and_vjp
 from .._misc import tree_add, tree_dot, tree_lincomb
@@ -20,8 +21,10 @@ class SymplecticAdjoint(ACA):
     This is reverse-mode AD of the Runge--Kutta step organised stage by stage; it is the
     adjoint system integrated by the symplectic partitioned RK partner of the tableau
     (`Ã_ij = b_j - b_j a_ji / b_i`), so it is exact for the computed discretisation.
-    Stages that no later stage and no output weight use (the FSAL error stage of
-    Dopri5, Tsit5 and Bosh3) are skipped. Memory: one checkpoint per step plus `s`
+    Stages that no later stage, no output weight and no interpolated output use (the
+    FSAL error stage of Dopri5, Tsit5 and Bosh3, when no output falls inside a step)
+    are skipped. Outputs inside a step add `h Σ_p W_ip C̄_p` to `∂L/∂k_i` (the
+    interpolant `y + h Σ_i b_i(θ) k_i`, `malijax._dense`). Memory: one checkpoint per step plus `s`
     stage states and a single `func` graph, where `ACA`'s local VJP holds all `s`
     stages' graphs at once.
 
@@ -41,16 +44,23 @@ class SymplecticAdjoint(ACA):
                 f"{type(solver).__name__} use gradient=mj.MALI(), mj.ACA() or mj.Direct()."
             )
 
-    def step_vjp(self, solver, func, args, traj, k, t, h, ct_x1):
+    def step_vjp(self, solver, func, args, traj, k, t, h, ct_x1, ct_dense=None):
         tab = solver.tableau
         s = tab.num_stages
         dtype = h.dtype
         y = jtu.tree_map(lambda x: x[k], traj.states)
-        # A stage matters if an output weight or a later stage uses it; trailing unused
-        # stages (the FSAL error stage) are dropped.
+        # A stage matters if an output weight, a later stage or the interpolant uses
+        # it; trailing unused stages (the FSAL error stage) are dropped.
+        weights = tab.dense_weights()
         used = [tab.b[i] != 0 or any(tab.a[m - 1][i] != 0 for m in range(i + 1, s))
-                for i in range(s)]
+                or (ct_dense is not None and bool(np.any(weights[i]))) for i in range(s)]
         s_used = max(i for i in range(s) if used[i]) + 1
+        # ∂L/∂k_i from the interpolated outputs, divided by h: Σ_p W[i, p-1] C̄_p.
+        ct_k_dense = [None] * s_used
+        if ct_dense is not None:
+            ct_k_dense = [tree_lincomb(None, jnp.ones((), dtype),
+                                       tuple(float(w) for w in weights[i]), ct_dense[1:])
+                          for i in range(s_used)]
 
         # Recompute the stage inputs X_i without a graph: s_used - 1 evaluations.
         xs, ks = [y], []
@@ -69,6 +79,8 @@ class SymplecticAdjoint(ACA):
             dk = jtu.tree_map(lambda l: (h * tab.b[i]).astype(l.dtype) * l, lam1)
             if acc[i] is not None:
                 dk = tree_add(dk, acc[i])
+            if ct_k_dense[i] is not None:
+                dk = tree_add(dk, jtu.tree_map(lambda c: h.astype(c.dtype) * c, ct_k_dense[i]))
             k_i, (gf_i, ga_i), (gt_i, dx_i) = value_and_vjp(
                 call_field, (func, args), (t + tab.c[i] * h, xs[i]), dk
             )
@@ -88,4 +100,9 @@ class SymplecticAdjoint(ACA):
         # y1 = y + h Σ_i b_i k_i
         all_k = ks[: s_used - 1] + [k_last]
         g_h = g_h + tree_dot(lam1, tree_lincomb(None, jnp.ones((), dtype), tab.b[:s_used], all_k), dtype)
+        if ct_dense is not None:  # y(θ) = C_0 + ..., C_0 = y; C_p ∝ h
+            lam0 = tree_add(lam0, ct_dense[0])
+            for ct_k, k_i in zip(ct_k_dense, all_k):
+                if ct_k is not None:
+                    g_h = g_h + tree_dot(ct_k, k_i, dtype)
         return y, lam0, g_func, g_args, g_t, g_h

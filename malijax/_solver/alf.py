@@ -25,6 +25,11 @@ class ALF(AbstractReversibleSolver):
     is `h (u - v)`, of first order, so the controller uses `q = 2`. The method is
     second order.
 
+    Dense output: cubic Hermite on `(z, v)` at both ends, `v` standing for `dz/dt`:
+    `z(θ) = h00 z + h10 h v + h01 z' + h11 h v'` (`h00 = 1 - 3θ² + 2θ³`,
+    `h10 = θ - 2θ² + θ³`, `h01 = 3θ² - 2θ³`, `h11 = θ³ - θ²`), order 2 (`v` is a
+    second-order approximation of `dz/dt`; measured in `tests/test_dense.py`).
+
     !!! warning
         With `eta = 1` (the default, and the only value the reference code uses) ALF
         is time-reversible and its inverse is as accurate as its step, but, like
@@ -49,6 +54,8 @@ class ALF(AbstractReversibleSolver):
     error_order: ClassVar[int] = 2
     fevals_init: ClassVar[int] = 1
     fevals_step: ClassVar[int] = 1
+    dense_order: ClassVar[int] = 2
+    dense_degree: ClassVar[int] = 3
 
     def __check_init__(self):
         if not (0 < self.eta <= 1):
@@ -90,7 +97,33 @@ class ALF(AbstractReversibleSolver):
         z = jtu.tree_map(lambda a, b: a - (0.5 * h).astype(a.dtype) * b, x_m, v)
         return (z, v)
 
-    def inverse_vjp(self, func, t, h, state1, ct_state1, args, *, h_prev, ct_y0):
+    def dense_from_states(self, h, state0, state1):
+        (z0, v0), (z1, v1) = state0, state1
+
+        def coeffs(a0, b0, a1, b1):
+            hb0, hb1 = h.astype(a0.dtype) * b0, h.astype(a0.dtype) * b1
+            return a0, hb0, 3 * (a1 - a0) - 2 * hb0 - hb1, 2 * (a0 - a1) + hb0 + hb1
+
+        out = jtu.tree_map(coeffs, z0, v0, z1, v1)
+        return tuple(jtu.tree_map(lambda _, c: c[p], z0, out) for p in range(4))
+
+    def inverse_vjp(self, func, t, h, state1, ct_state1, args, *, h_prev, ct_y0, ct_dense=None,
+                    ct_dense_prev=None):
+        """Fused inverse and VJP (`_fused_inverse_vjp`), with the dense-output
+        coefficients' cotangent (a function of the two end states) added on either side."""
+        del h_prev, ct_dense_prev
+        if ct_dense is None:
+            return self._fused_inverse_vjp(func, t, h, state1, ct_state1, args, ct_y0=ct_y0)
+        _, ct_s1, _ = self.dense_from_states_vjp(h, state1, state1, ct_dense)
+        ct_state1 = jtu.tree_map(lambda a, b: a + b, ct_state1, ct_s1)
+        state0, ct_state0, g_func, g_args, g_t, g_h = self._fused_inverse_vjp(
+            func, t, h, state1, ct_state1, args, ct_y0=ct_y0
+        )
+        ct_s0, _, ct_h = self.dense_from_states_vjp(h, state0, state1, ct_dense)
+        ct_state0 = jtu.tree_map(lambda a, b: a + b, ct_state0, ct_s0)
+        return state0, ct_state0, g_func, g_args, g_t, g_h + ct_h
+
+    def _fused_inverse_vjp(self, func, t, h, state1, ct_state1, args, *, ct_y0):
         """Fused inverse and VJP: one VJP of `func` per step (ALGORITHMS.md §2.2).
 
         With cotangents `(a_z, a_v)` on `(z', v')` and `u, J = f, ∂f/∂x` at the
@@ -100,7 +133,6 @@ class ALF(AbstractReversibleSolver):
             ā_z = ā_xm,   ā_v = (1 - 2η) g + (h/2) ā_xm,
             ā_t = f_tᵀw,   ā_h = <a_z, v'>/2 + <ā_xm, v>/2 + f_tᵀw/2.
         """
-        del h_prev
         z1, v1 = state1
         a_z, a_v = ct_state1
         eta = self.eta

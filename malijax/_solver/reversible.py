@@ -58,6 +58,16 @@ class Reversible(AbstractReversibleSolver):
     at rtol 1e-6. The error order is the base's. Bases without an embedded pair
     (`Euler`, `RK4`) take fixed steps.
 
+    Dense output: the base method's interpolant of its forward increment from `z₀`,
+    `I(θ)` (`I(0) = 0`, `I(1) = Ψ_h(t₀, z₀)`), plus the coupling term carried linearly:
+
+        y(θ) = y₀ + θ (1 - λ)(z₀ - y₀) + I(θ),
+
+    which is `y₀` at θ = 0 and `λ y₀ + (1 - λ) z₀ + Ψ_h(t₀, z₀) = y₁` at θ = 1. Since
+    `y₀ - z₀` is of the order of a local error, it keeps the base interpolant's order
+    (`dense_order`, measured in `tests/test_dense.py`), and costs no evaluation: the
+    forward base step's stages are the interpolant's.
+
     **Arguments:**
 
     - `solver`: an explicit Runge--Kutta solver (`Euler()` … `Tsit5()`).
@@ -103,6 +113,29 @@ class Reversible(AbstractReversibleSolver):
     @property
     def inverse_amplification(self):
         return 1 / self.coupling
+
+    @property
+    def dense_order(self):
+        return self.solver.dense_order
+
+    @property
+    def dense_degree(self):
+        return self.solver.dense_degree
+
+    def _dense(self, y, z, base_coeffs):
+        """`(C_0, ..., C_P)` of `y(θ)` from the base increment's coefficients."""
+        lam = self.coupling
+        c1 = base_coeffs[1]
+        if lam != 1:
+            c1 = jtu.tree_map(lambda c, a, b: c + (1 - lam) * (b - a), c1, y, z)
+        return (y, c1) + tuple(base_coeffs[2:])
+
+    def step_dense(self, func, t, h, state, args):
+        y, z = state
+        _, _, _, base = self.solver.stages(func, t, h, z, args, error=True, increment=True,
+                                           dense=True)
+        state1, error = self.step(func, t, h, state, args)
+        return state1, error, self._dense(y, z, base)
 
     def _increment(self, func, t, h, u, args, error=False):
         """`Ψ_h(t, u)` (and the embedded error estimate) by the generic RK step."""
@@ -155,7 +188,8 @@ class Reversible(AbstractReversibleSolver):
         q, _ = self._increment(func, t, h, z, args)
         return (self._uncouple(y1, z, q), z)
 
-    def inverse_vjp(self, func, t, h, state1, ct_state1, args, *, h_prev, ct_y0):
+    def inverse_vjp(self, func, t, h, state1, ct_state1, args, *, h_prev, ct_y0, ct_dense=None,
+                    ct_dense_prev=None):
         """Fused inverse and VJP: two base-step VJPs, whose forwards are the inverse's
         two base steps.
 
@@ -163,9 +197,12 @@ class Reversible(AbstractReversibleSolver):
         `Q = Ψ_h(t₀, z₀)`: `z₀ = z₁ + P`, then `ā_y1 = a_y1 - (∂P/∂y₁)ᵀ a_z1`,
         `y₀ = (y₁ - (1 - λ) z₀ - Q) / λ`, `a_y0 = λ ā_y1`,
         `a_z0 = a_z1 + (1 - λ) ā_y1 + (∂Q/∂z₀)ᵀ ā_y1`; `func`, `args`, `t₀` and `h`
-        collect both VJPs' contributions (`t₁ = t₀ + h` formed as in `step`).
+        collect both VJPs' contributions (`t₁ = t₀ + h` formed as in `step`). The dense
+        coefficients' cotangent `(c_0, ..., c_P)` joins the second VJP (the base
+        increment's coefficients are its stages'), with `c_0 - (1 - λ) c_1` on `y₀` and
+        `(1 - λ) c_1` on `z₀`.
         """
-        del h_prev
+        del h_prev, ct_dense_prev
         y1, z1 = state1
         a_y1, a_z1 = ct_state1
         lam = self.coupling
@@ -174,14 +211,24 @@ class Reversible(AbstractReversibleSolver):
             return self._increment(params[0], t + h, -h, u, params[1])[0]
 
         def forward(params, t, h, u):
-            return self._increment(params[0], t, h, u, params[1])[0]
+            if ct_dense is None:
+                return self._increment(params[0], t, h, u, params[1])[0]
+            inc, _, _, base = self.solver.stages(params[0], t, h, u, params[1], error=False,
+                                                 increment=True, dense=True)
+            return inc, base[1:]
 
         p, (gf_p, ga_p), (gt_p, gh_p, jp) = value_and_vjp(
             backward, (func, args), (t, h, y1), jtu.tree_map(jnp.negative, a_z1)
         )
         z0 = tree_add(z1, p)
         a_y1 = tree_add(a_y1, jp)
-        q, (gf_q, ga_q), (gt_q, gh_q, jq) = value_and_vjp(forward, (func, args), (t, h, z0), a_y1)
+        ct_q = a_y1 if ct_dense is None else (a_y1, tuple(ct_dense[1:]))
+        q, (gf_q, ga_q), (gt_q, gh_q, jq) = value_and_vjp(forward, (func, args), (t, h, z0), ct_q)
+        if ct_dense is not None:
+            q = q[0]
+            c0, c1 = ct_dense[0], ct_dense[1]
+            ct_y0 = jtu.tree_map(lambda a, b, c: a + b - (1 - lam) * c, ct_y0, c0, c1)
+            jq = jtu.tree_map(lambda a, c: a + (1 - lam) * c, jq, c1)
         y0 = self._uncouple(y1, z0, q)
         a_y0 = jtu.tree_map(lambda a, c: lam * a + c, a_y1, ct_y0)
         a_z0 = jtu.tree_map(lambda a, b, c: a + (1 - lam) * b + c, a_z1, a_y1, jq)
