@@ -24,41 +24,57 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 
 
-def evaluate(coeffs, theta):
-    """`Σ_p θ^p C_p` (Horner's rule), `θ` cast to each leaf's dtype."""
-    def leaf(*cs):
-        th = jnp.asarray(theta).astype(cs[0].dtype)
-        acc = cs[-1]
-        for c in reversed(cs[:-1]):
-            acc = c + th * acc
-        return acc
+# Coefficients are stored stacked: a pytree like `y` whose leaves carry a leading axis
+# of `P + 1` (`C_0, ..., C_P`), so evaluating, forming and transposing an interpolant is
+# one contraction per leaf rather than `P + 1` separate small operations.
 
-    return jtu.tree_map(leaf, *coeffs)
+
+def stack(coeffs):
+    """`(C_0, ..., C_P)` (pytrees like `y`) -> one pytree with stacked leaves."""
+    return jtu.tree_map(lambda *cs: jnp.stack(cs), *coeffs)
+
+
+def degree(coeffs):
+    return jtu.tree_leaves(coeffs)[0].shape[0] - 1
+
+
+def _contract(weights, coeffs):
+    """`Σ_p w_p C_p` leaf by leaf."""
+    return jtu.tree_map(
+        lambda c: jnp.tensordot(jnp.asarray(weights).astype(c.dtype), c, axes=1), coeffs
+    )
+
+
+def powers(theta, degree):
+    """`(1, θ, ..., θ^degree)`: an output's weights on the coefficients (by products, so
+    that gradients are finite at θ = 0)."""
+    theta = jnp.asarray(theta)
+    out = [jnp.ones_like(theta)]
+    for _ in range(degree):
+        out.append(out[-1] * theta)
+    return jnp.stack(out)
+
+
+def evaluate(coeffs, theta):
+    """`Σ_p θ^p C_p`."""
+    return _contract(powers(theta, degree(coeffs)), coeffs)
 
 
 def derivative(coeffs, theta, h):
     """`dy/dt = Σ_p p θ^(p-1) C_p / h`."""
-    def leaf(*cs):
-        th = jnp.asarray(theta).astype(cs[0].dtype)
-        acc = (len(cs) - 1) * cs[-1]
-        for p in range(len(cs) - 2, 0, -1):
-            acc = p * cs[p] + th * acc
-        return acc / jnp.asarray(h).astype(cs[0].dtype)
-
-    return jtu.tree_map(leaf, *coeffs)
+    theta = jnp.asarray(theta)
+    n = degree(coeffs)
+    p = jnp.arange(1, n + 1, dtype=theta.dtype)
+    weights = jnp.concatenate([jnp.zeros((1,), theta.dtype), p * powers(theta, n - 1)])
+    return _contract(weights / jnp.asarray(h).astype(theta.dtype), coeffs)
 
 
-def powers(theta, degree):
-    """`(1, θ, ..., θ^degree)`: an output's weights on the coefficients."""
-    out = [jnp.ones_like(theta)]
-    for _ in range(degree):
-        out.append(out[-1] * theta)
-    return tuple(out)
-
-
-def scaled(ct, weights):
-    """`(w_0 ct, ..., w_P ct)`: the coefficients' cotangent from one output's `ct`."""
-    return tuple(jtu.tree_map(lambda c: jnp.asarray(w).astype(c.dtype) * c, ct) for w in weights)
+def transpose(ct, weights):
+    """The coefficients' cotangent from one output's cotangent `ct`: `(w_p ct)_p`."""
+    return jtu.tree_map(
+        lambda c: jnp.asarray(weights).astype(c.dtype).reshape((-1,) + (1,) * c.ndim) * c[None],
+        ct,
+    )
 
 
 class DenseInterpolation(eqx.Module):

@@ -396,12 +396,12 @@ def leading_outputs(ts):
 
 
 def _save_outputs(ts, j, took, t_k, h, t1, y1, coeffs, ys, ys_dot, direction, kind):
-    """After a step from `t_k` to `t1 = t_k + h` (taken if `took`), write every output
-    `ts[j] ... ` it reaches: those strictly inside from the step's interpolant
-    (`coeffs`, `malijax._dense`; None when steps land on every output, and then none
-    is inside), those at `t1` itself (repeats included) as the new state `y1`. Returns
-    `(j, mid, ys, ys_dot)`: outputs `[j_in, mid)` were interpolated, `[mid, j)` landed.
-    A nested loop, since any number of outputs may fall in one step."""
+    """After a step from `t_k` to `t1 = t_k + h` (taken if `took`), write the outputs
+    from `ts[j]` on that it reaches: those strictly inside from the step's interpolant
+    (`coeffs`, `malijax._dense`; None when no output can be inside a step), those at
+    `t1` itself (repeats included) as the new state `y1`. Returns `(j', mid, ys,
+    ys_dot)`: outputs `[j, mid)` were interpolated, `[mid, j')` landed. A nested loop,
+    since any number of outputs may fall in one step."""
     num_out = ts.shape[0]
 
     def cond(s):

@@ -11,6 +11,7 @@ import scipy.integrate
 
 import malijax as mj
 from malijax import _dense
+from data.make_land_on_outputs import CASES as LAND_CASES, TS as LAND_TS, field as land_field
 from helpers import ALL_SOLVERS, REVERSIBLE_RK, max_rel_err, name
 
 # A damped, forced oscillator with a closed-form-free but smooth solution; `a` = (ω², γ).
@@ -280,17 +281,6 @@ def test_default_solver_mali_per_example_ts():
 # land_on_outputs=True: the behaviour before dense output
 
 REFERENCE = pathlib.Path(__file__).parent / "data" / "land_on_outputs.npz"
-LAND_CASES = {
-    "tsit5_aca_adapt": (mj.Tsit5(), mj.ACA(), dict(rtol=1e-6, atol=1e-9)),
-    "dopri5_direct_hstep": (mj.Dopri5(), mj.Direct(), dict(step_size=0.07)),
-    "rev_mali_adapt": (mj.Reversible(mj.Tsit5()), mj.MALI(), dict(rtol=1e-6, atol=1e-9)),
-    "rh_mali_hstep": (mj.ReversibleHeun(), mj.MALI(), dict(step_size=0.07)),
-}
-LAND_TS = jnp.array([0.0, 0.3, 0.3, 1.1, 2.0, 2.0, 3.5])
-
-
-def _land_field(t, y, a):
-    return jnp.stack([y[1], -a[0] * y[0] - 0.1 * y[1] + jnp.sin(t)])
 
 
 @pytest.mark.parametrize("case", LAND_CASES)
@@ -303,11 +293,11 @@ def test_land_on_outputs_reproduces_the_previous_release(case):
     y0, a = jnp.array([1.0, 0.2]), jnp.array([2.0])
 
     def loss(y0, a, ts):
-        ys = mj.odeint(_land_field, y0, ts, a, solver=solver, gradient=gradient,
+        ys = mj.odeint(land_field, y0, ts, a, solver=solver, gradient=gradient,
                        land_on_outputs=True, **kw)
         return jnp.sum(ys**2)
 
-    ys = mj.odeint(_land_field, y0, LAND_TS, a, solver=solver, gradient=gradient,
+    ys = mj.odeint(land_field, y0, LAND_TS, a, solver=solver, gradient=gradient,
                    land_on_outputs=True, **kw)
     np.testing.assert_allclose(ys, reference[f"{case}_ys"], rtol=5e-16, atol=0)
     grads = jax.grad(loss, argnums=(0, 1, 2))(y0, a, LAND_TS)

@@ -80,7 +80,9 @@ def _gather_outputs(ct_ys, ys_dot, ts, step, active, degree, while_kind):
     hi = jnp.where(active, hi, lo)
     zero_y = jtu.tree_map(lambda c: jnp.zeros_like(c[0]), ct_ys)
     dense = degree is not None
-    ct_coeffs = tuple(zero_y for _ in range(degree + 1)) if dense else None
+    ct_coeffs = None
+    if dense:
+        ct_coeffs = jtu.tree_map(lambda c: jnp.zeros((degree + 1,) + c.shape[1:], c.dtype), ct_ys)
     zero_t = jnp.zeros((), ts.dtype)
 
     def body(s):
@@ -90,8 +92,8 @@ def _gather_outputs(ct_ys, ys_dot, ts, step, active, degree, while_kind):
         ct_end = tree_add(ct_end, tree_where(inside, zero_y, c))
         if dense:
             theta = (ts[j] - t) / jnp.where(h == 0, 1, h)
-            weights = [jnp.where(inside, w, 0) for w in _dense.powers(theta, degree)]
-            ct_coeffs = tuple(tree_add(a, b) for a, b in zip(ct_coeffs, _dense.scaled(c, weights)))
+            weights = jnp.where(inside, _dense.powers(theta, degree), 0)
+            ct_coeffs = tree_add(ct_coeffs, _dense.transpose(c, weights))
             if ys_dot is not None:
                 d = jnp.where(inside, tree_dot(c, jtu.tree_map(lambda x: x[j], ys_dot), ts.dtype), 0)
                 ct_ts = ct_ts.at[j].add(d)
@@ -227,7 +229,7 @@ def reverse_sweep(strategy, diff, config, traj, final_state, ct_ys, ys_dot=None,
         # The dense solution's own rows: cotangents of this step's t_k, h_k, coefficients.
         ct_end, ct_coeffs, ct_ts, g_t, g_h = out
         row = jtu.tree_map(lambda c: jnp.where(active, c[k], jnp.zeros_like(c[k])), ct_steps)
-        ct_coeffs = tuple(tree_add(a, b) for a, b in zip(ct_coeffs, row[2]))
+        ct_coeffs = tree_add(ct_coeffs, row[2])
         return ct_end, ct_coeffs, ct_ts, g_t + row[0], g_h + row[1]
 
     restarts = traj is not None and traj.slot_steps is not None

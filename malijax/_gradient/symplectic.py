@@ -58,8 +58,11 @@ class SymplecticAdjoint(ACA):
         # ∂L/∂k_i from the interpolated outputs, divided by h: Σ_p W[i, p-1] C̄_p.
         ct_k_dense = [None] * s_used
         if ct_dense is not None:
-            ct_k_dense = [tree_lincomb(None, jnp.ones((), dtype),
-                                       tuple(float(w) for w in weights[i]), ct_dense[1:])
+            stacked = jtu.tree_map(
+                lambda c: jnp.tensordot(jnp.asarray(weights[:s_used], c.dtype), c[1:], axes=1),
+                ct_dense,
+            )
+            ct_k_dense = [jtu.tree_map(lambda c: c[i], stacked) if np.any(weights[i]) else None
                           for i in range(s_used)]
 
         # Recompute the stage inputs X_i without a graph: s_used - 1 evaluations.
@@ -101,7 +104,7 @@ class SymplecticAdjoint(ACA):
         all_k = ks[: s_used - 1] + [k_last]
         g_h = g_h + tree_dot(lam1, tree_lincomb(None, jnp.ones((), dtype), tab.b[:s_used], all_k), dtype)
         if ct_dense is not None:  # y(θ) = C_0 + ..., C_0 = y; C_p ∝ h
-            lam0 = tree_add(lam0, ct_dense[0])
+            lam0 = tree_add(lam0, jtu.tree_map(lambda c: c[0], ct_dense))
             for ct_k, k_i in zip(ct_k_dense, all_k):
                 if ct_k is not None:
                     g_h = g_h + tree_dot(ct_k, k_i, dtype)

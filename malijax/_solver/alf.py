@@ -102,10 +102,9 @@ class ALF(AbstractReversibleSolver):
 
         def coeffs(a0, b0, a1, b1):
             hb0, hb1 = h.astype(a0.dtype) * b0, h.astype(a0.dtype) * b1
-            return a0, hb0, 3 * (a1 - a0) - 2 * hb0 - hb1, 2 * (a0 - a1) + hb0 + hb1
+            return jnp.stack([a0, hb0, 3 * (a1 - a0) - 2 * hb0 - hb1, 2 * (a0 - a1) + hb0 + hb1])
 
-        out = jtu.tree_map(coeffs, z0, v0, z1, v1)
-        return tuple(jtu.tree_map(lambda _, c: c[p], z0, out) for p in range(4))
+        return jtu.tree_map(coeffs, z0, v0, z1, v1)
 
     def inverse_vjp(self, func, t, h, state1, ct_state1, args, *, h_prev, ct_y0, ct_dense=None,
                     ct_dense_prev=None):

@@ -55,14 +55,16 @@ class AbstractSolver(eqx.Module):
         raise NotImplementedError
 
     def dense_from_states(self, h, state0, state1):
-        """The interpolant's coefficients `(C_0, ..., C_P)` from the step's two end
-        states, for solvers whose continuous extension needs nothing else."""
+        """The interpolant's coefficients (stacked: leaves with a leading axis `P + 1`,
+        `malijax._dense`) from the step's two end states, for solvers whose continuous
+        extension needs nothing else."""
         raise NotImplementedError
 
     def step_dense(self, func, t, h, state, args):
-        """`step`, also returning the step's dense-output coefficients `(C_0, ..., C_P)`:
-        `y(t + θh) = Σ_p θ^p C_p` for `θ ∈ [0, 1]` (`malijax._dense`). The default
-        builds them from the end states (`dense_from_states`)."""
+        """`step`, also returning the step's dense-output coefficients (a pytree like `y`
+        whose leaves stack `C_0, ..., C_P`): `y(t + θh) = Σ_p θ^p C_p` for `θ ∈ [0, 1]`
+        (`malijax._dense`). The default builds them from the end states
+        (`dense_from_states`)."""
         state1, error = self.step(func, t, h, state, args)
         return state1, error, self.dense_from_states(h, state, state1)
 

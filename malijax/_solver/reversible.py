@@ -123,12 +123,14 @@ class Reversible(AbstractReversibleSolver):
         return self.solver.dense_degree
 
     def _dense(self, y, z, base_coeffs):
-        """`(C_0, ..., C_P)` of `y(θ)` from the base increment's coefficients."""
+        """The coefficients of `y(θ)` (stacked) from the base increment's."""
         lam = self.coupling
-        c1 = base_coeffs[1]
-        if lam != 1:
-            c1 = jtu.tree_map(lambda c, a, b: c + (1 - lam) * (b - a), c1, y, z)
-        return (y, c1) + tuple(base_coeffs[2:])
+
+        def leaf(c, a, b):
+            c = c.at[0].set(a)
+            return c if lam == 1 else c.at[1].add((1 - lam) * (b - a))
+
+        return jtu.tree_map(leaf, base_coeffs, y, z)
 
     def step_dense(self, func, t, h, state, args):
         y, z = state
@@ -215,18 +217,18 @@ class Reversible(AbstractReversibleSolver):
                 return self._increment(params[0], t, h, u, params[1])[0]
             inc, _, _, base = self.solver.stages(params[0], t, h, u, params[1], error=False,
                                                  increment=True, dense=True)
-            return inc, base[1:]
+            return inc, jtu.tree_map(lambda c: c[1:], base)
 
         p, (gf_p, ga_p), (gt_p, gh_p, jp) = value_and_vjp(
             backward, (func, args), (t, h, y1), jtu.tree_map(jnp.negative, a_z1)
         )
         z0 = tree_add(z1, p)
         a_y1 = tree_add(a_y1, jp)
-        ct_q = a_y1 if ct_dense is None else (a_y1, tuple(ct_dense[1:]))
+        ct_q = a_y1 if ct_dense is None else (a_y1, jtu.tree_map(lambda c: c[1:], ct_dense))
         q, (gf_q, ga_q), (gt_q, gh_q, jq) = value_and_vjp(forward, (func, args), (t, h, z0), ct_q)
         if ct_dense is not None:
             q = q[0]
-            c0, c1 = ct_dense[0], ct_dense[1]
+            c0, c1 = (jtu.tree_map(lambda c: c[p], ct_dense) for p in range(2))
             ct_y0 = jtu.tree_map(lambda a, b, c: a + b - (1 - lam) * c, ct_y0, c0, c1)
             jq = jtu.tree_map(lambda a, c: a + (1 - lam) * c, jq, c1)
         y0 = self._uncouple(y1, z0, q)

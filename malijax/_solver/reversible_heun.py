@@ -48,8 +48,12 @@ class ReversibleHeun(AbstractReversibleSolver):
 
     def dense_from_states(self, h, state0, state1):
         (y0, _, f0), y1 = state0, state1[0]
-        hf = jtu.tree_map(lambda f: h.astype(f.dtype) * f, f0)
-        return y0, hf, jtu.tree_map(lambda a, b, c: b - a - c, y0, y1, hf)
+
+        def coeffs(a, b, f):
+            hf = h.astype(f.dtype) * f
+            return jnp.stack([a, hf, b - a - hf])
+
+        return jtu.tree_map(coeffs, y0, y1, f0)
 
     def step(self, func, t, h, state, args):
         y, yhat, fhat = state
@@ -93,9 +97,9 @@ class ReversibleHeun(AbstractReversibleSolver):
         y1, yhat1, fhat1 = state1
         a_y1, a_yhat1, _ = ct_state1
         if ct_dense_prev is not None:  # the step before's c2, on y0 (= its y1)
-            ct_y0 = jtu.tree_map(lambda a, c: a + c, ct_y0, ct_dense_prev[2])
+            ct_y0 = jtu.tree_map(lambda a, c: a + c[2], ct_y0, ct_dense_prev)
         if ct_dense is not None:
-            c0, c1, c2 = ct_dense
+            c0, c1, c2 = (jtu.tree_map(lambda c: c[p], ct_dense) for p in range(3))
             ct_y0 = jtu.tree_map(lambda a, b, c: a + b - c, ct_y0, c0, c2)
             c_f = jtu.tree_map(lambda a, b: a - b, c1, c2)
         yhat0 = jtu.tree_map(lambda a, b, f: 2 * a - b - h.astype(a.dtype) * f, y1, yhat1, fhat1)
@@ -127,7 +131,7 @@ class ReversibleHeun(AbstractReversibleSolver):
         y, yhat, fhat = state
         a_y, a_yhat, a_fhat = ct_state
         if ct_dense is not None:
-            a_y = jtu.tree_map(lambda a, c: a + c, a_y, ct_dense[2])
+            a_y = jtu.tree_map(lambda a, c: a + c[2], a_y, ct_dense)
         total = jtu.tree_map(lambda c, a: c + (0.5 * h_last).astype(a.dtype) * a, a_fhat, a_y)
         _, (g_func, g_args), (g_t, jtw) = value_and_vjp(_call, (func, args), (t, yhat), total)
         a_yhat = jtu.tree_map(lambda a, b: a + b, a_yhat, jtw)

@@ -17,6 +17,8 @@ import dataclasses
 from fractions import Fraction
 from typing import ClassVar
 
+import jax.numpy as jnp
+import jax.tree_util as jtu
 import numpy as np
 
 from .._misc import tree_lincomb
@@ -130,13 +132,17 @@ class AbstractRungeKutta(AbstractSolver):
         return (y1, k_last if self.tableau.fsal else None), error, coeffs
 
     def dense_coefficients(self, y, h, ks):
-        """`(C_0, ..., C_P)` of `y(t + θh) = Σ_p θ^p C_p` from the stages `ks`:
-        `C_0 = y`, `C_p = h Σ_i W[i, p-1] k_i`."""
-        weights = self.tableau.dense_weights()
-        return (y,) + tuple(
-            tree_lincomb(None, h, tuple(float(w) for w in weights[:, p]), ks)
-            for p in range(weights.shape[1])
-        )
+        """The coefficients `C_p` of `y(t + θh) = Σ_p θ^p C_p` (stacked, `malijax._dense`)
+        from the stages `ks`: `C_0 = y`, `C_p = h Σ_i W[i, p-1] k_i`."""
+        weights = self.tableau.dense_weights()  # (stages, P)
+        used = [i for i in range(len(ks)) if np.any(weights[i])]
+
+        def leaf(y, *k):
+            w = jnp.asarray(weights[used].T, y.dtype)
+            c = jnp.tensordot(w, jnp.stack([k[i] for i in used]), axes=1)
+            return jnp.concatenate([y[None], jnp.asarray(h).astype(y.dtype) * c])
+
+        return jtu.tree_map(leaf, y, *ks)
 
     def stages(self, func, t, h, y, args, *, k1=None, error=True, increment=False, dense=False):
         """The one generic explicit RK step: `(y1, k_s, error)`, or with
