@@ -470,7 +470,11 @@ def _integrate_while(
                             jnp.full((num_out,) + y.shape, jnp.nan, y.dtype)),
         y0,
     )
-    ys_dot = _nan_buffer((num_out,), y0) if interpolate and derivatives else None
+    # Zeros, not NaN: only the rows of interpolated outputs are read, but a second
+    # derivative of the sweep would meet NaN · 0 in the others.
+    ys_dot = None
+    if interpolate and derivatives:
+        ys_dot = jtu.tree_map(lambda y: jnp.zeros((num_out,) + y.shape, y.dtype), y0)
     rec = None
     if record is not None:
         checkpoint = solver.checkpoint(state0) if record == "states" else None
