@@ -60,7 +60,13 @@ def test_reverse_over_reverse_equals_finite_differences(gradient, solver, kw):
     a, eps = 0.7, 1e-5
     want = (first(a + eps) - first(a - eps)) / (2 * eps)
     got = second(a)
-    assert abs(float(got - want)) <= 1e-7 * abs(float(want)), (float(got), float(want))
+    # Differences also see the adaptive step sizes move with `a` (AD holds them fixed):
+    # measured 1.7e-8 relative with steps landing on ts[1], 1.0e-7 with ts[1] interpolated
+    # (Dopri5, 8 steps). Direct's own reverse over reverse sees exactly the same steps.
+    assert abs(float(got - want)) <= 1e-6 * abs(float(want)), (float(got), float(want))
+    if "rtol" in kw and not isinstance(gradient, mj.Adjoint):
+        exact = jax.grad(jax.grad(lambda b: loss(b, mj.Direct(), solver, kw)))(a)
+        assert abs(float(got - exact)) <= 1e-10 * abs(float(exact)), (float(got), float(exact))
     # and the first-order gradient inside is the strategy's own (vs Direct's, to rounding)
     direct = jax.grad(lambda a: loss(a, mj.Direct(), solver, kw))(a)
     tol = 1e-4 if isinstance(gradient, mj.Adjoint) else 1e-10
