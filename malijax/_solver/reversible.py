@@ -133,11 +133,8 @@ class Reversible(AbstractReversibleSolver):
         return jtu.tree_map(leaf, base_coeffs, y, z)
 
     def step_dense(self, func, t, h, state, args):
-        y, z = state
-        _, _, _, base = self.solver.stages(func, t, h, z, args, error=True, increment=True,
-                                           dense=True)
-        state1, error = self.step(func, t, h, state, args)
-        return state1, error, self._dense(y, z, base)
+        state1, error, base = self._coupled(func, t, h, state, args, dense=True)
+        return state1, self._estimate(state, state1, error), self._dense(*state, base)
 
     def _increment(self, func, t, h, u, args, error=False):
         """`Ψ_h(t, u)` (and the embedded error estimate) by the generic RK step."""
@@ -165,23 +162,33 @@ class Reversible(AbstractReversibleSolver):
     def coupled_step(self, func, t, h, state, args):
         """The step `(y1, z1)` and the base's embedded estimate `e` of its forward base
         step (`None` without an embedded pair)."""
+        state1, error, _ = self._coupled(func, t, h, state, args)
+        return state1, error
+
+    def _coupled(self, func, t, h, state, args, dense=False):
+        """`coupled_step`, plus (with `dense`) the forward base step's interpolant
+        coefficients, from the same stages."""
         y, z = state
-        q, error = self._increment(func, t, h, z, args, error=True)
+        q, _, error, *base = self.solver.stages(func, t, h, z, args, error=True,
+                                                 increment=True, dense=dense)
         y1 = self._couple(y, z, q)
         p, _ = self._increment(func, t + h, -h, y1, args)
         z1 = jtu.tree_map(lambda a, b: a - b, z, p)
-        return (y1, z1), error
+        return (y1, z1), error, (base[0] if dense else None)
+
+    def _estimate(self, state, state1, error):
+        """See the class docstring: the estimate must see the growth of y - z."""
+        if error is None:
+            return None
+        (y, z), (y1, z1), lam = state, state1, self.coupling
+        return jtu.tree_map(
+            lambda e, a1, b1, a0, b0: jnp.abs(e) + jnp.abs((a1 - b1) - lam * (a0 - b0)),
+            error, y1, z1, y, z,
+        )
 
     def step(self, func, t, h, state, args):
-        y, z = state
-        (y1, z1), error = self.coupled_step(func, t, h, state, args)
-        if error is not None:  # see the class docstring: the estimate must see y - z
-            lam = self.coupling
-            error = jtu.tree_map(
-                lambda e, a1, b1, a0, b0: jnp.abs(e) + jnp.abs((a1 - b1) - lam * (a0 - b0)),
-                error, y1, z1, y, z,
-            )
-        return (y1, z1), error
+        state1, error = self.coupled_step(func, t, h, state, args)
+        return state1, self._estimate(state, state1, error)
 
     def inverse(self, func, t, h, state1, args):
         y1, z1 = state1
