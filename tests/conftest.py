@@ -1,3 +1,5 @@
+import gc
+
 import jax
 import jax.random as jr
 import pytest
@@ -25,3 +27,14 @@ _HEAVIEST_FIRST = ["test_gradients.py", "test_notebooks.py", "test_nn.py", "test
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(_HEAVIEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable within a file
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compilations_after_each_file():
+    """Each compiled XLA:CPU executable holds memory maps until it is freed, and a
+    worker runs many files: without this, one worker passed Linux's 65,530 maps
+    (`vm.max_map_count`) near the end of the suite and XLA aborted in a compile.
+    Compilations are shared within a file, rarely across files."""
+    yield
+    jax.clear_caches()
+    gc.collect()
