@@ -17,11 +17,15 @@
 For a gradient strategy the loop can record, per accepted step `k`, the start time
 `t_k`, the step `h_k` exactly as used, the index of the output time it was clipped onto
 (or -1), the range of outputs it reached, and optionally the solver's checkpoint of the
-state at `t_k`. Independently it can keep whole solver states at a few steps in a fixed
-number of *restart slots* (`Restarts`), from which a reconstructing strategy (MALI)
-restarts its inverse.
+state at `t_k`: on a grid one row per step, in a while loop a fixed number of slots
+(`malijax._records`), whatever `max_steps` is, from which the reverse sweep replays
+(`replay`) the steps it lacks. One iteration of the while loop is a `_Stepper.advance`,
+shared by the forward and the replay so that both take the same steps. Independently
+the loop can keep whole solver states at a few steps in *restart slots* (`Restarts`),
+from which a reconstructing strategy (MALI) restarts its inverse.
 """
 
+import dataclasses
 import os
 
 import equinox as eqx
@@ -30,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 
-from . import _dense
+from . import _dense, _records
 from ._controller import ConstantStepSize, PIController
 from ._misc import rms_norm, tree_all_finite, tree_where
 from ._solution import RESULTS
@@ -137,33 +141,24 @@ def parasitic_check(solver, state1, error, y_max, dtype):
     return y_max, rms_norm(par, dtype) > y_norm + PARASITIC_FLOOR * y_max
 
 
-def _set_row(buffer, index, value, pred):
-    """`buffer[index] = value` where `pred` (plain arrays, e.g. a scan's carry)."""
-    return jtu.tree_map(
-        lambda v, b: b.at[index].set(jnp.where(pred, v, b[index])), value, buffer
-    )
+
 
 
 class Trajectory(eqx.Module):
     """The accepted discretisation, recorded for a gradient strategy.
 
-    Buffers have `max_steps` rows for a while loop (only the first `num_steps` are
-    meaningful). A `num_steps=N` grid records no times (`ts`, `hs`, `out`, `mid`, `hi`
-    are None: `grid_step` recomputes them) and exactly `(len(ts) - 1) * N` state rows.
+    A `num_steps=N` grid records no times (`grid_step` recomputes them) and, for
+    `record="states"`, exactly `(len(ts) - 1) * N` checkpoints (`states`). A while loop
+    keeps its steps in `records`, a fixed number of slots (`malijax._records`, laid out
+    as `layout` says), whatever `max_steps` is."""
 
-    Step `k` reached outputs `[hi[k-1], hi[k])` (`hi[-1] = first`): those in
-    `[hi[k-1], mid[k])` from its interpolant, those in `[mid[k], hi[k])` at its end."""
-
-    ts: jax.Array | None  # t_k, start of step k
-    hs: jax.Array | None  # h_k, signed, exactly as the step used it
-    out: jax.Array | None  # index j of the output time step k was clipped onto, or -1
     num_steps: jax.Array
-    states: object  # solver.checkpoint(state at t_k) per step, or None
+    states: object  # a grid's solver.checkpoint(state at t_k) per step, or None
     slot_steps: jax.Array | None = None  # Restarts: the step k each slot holds, or -1
     slot_states: object = None  # Restarts: the solver state x_k in each slot
-    mid: jax.Array | None = None  # first output step k did not interpolate
-    hi: jax.Array | None = None  # first output after step k
     first: jax.Array | None = None  # outputs [0, first) are at ts[0]: y0
+    records: object = None  # a while loop's `_records` slots: (steps, rows, spacing)
+    layout: _records.Records | None = eqx.field(static=True, default=None)
 
 
 class LoopOutput(eqx.Module):
@@ -207,7 +202,7 @@ def device_memory_bytes():
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def check_buffer_memory(max_steps, buffers):
+def check_buffer_memory(max_steps, buffers, what, advice):
     """Refuse at trace time the per-step `buffers` (`max_steps` rows each) when they
     alone would exceed the device's memory: compiled, such a solve would die allocating
     them (`RESOURCE_EXHAUSTED`), even if it takes only a few steps."""
@@ -215,13 +210,10 @@ def check_buffer_memory(max_steps, buffers):
     row_bytes, limit = total // max_steps, device_memory_bytes()
     if total > limit:
         raise ValueError(
-            f"malijax: this gradient strategy records each step in buffers sized by "
-            f"max_steps={max_steps}: {max_steps} rows of {row_bytes} bytes = "
-            f"{total / 2**30:.1f} GiB, more than the {limit / 2**30:.1f} GiB of device memory "
-            "(and a vmapped batch multiplies it). Lower `max_steps` to what the solve "
-            "needs; or take a strategy whose memory does not grow with `max_steps`: MALI "
-            "with a reversible solver (the default), ANODE(checkpoints=c) (binomial), or "
-            "Direct; or a `num_steps` grid (one row per step actually taken)."
+            f"malijax: {what} is kept in buffers sized by max_steps={max_steps}: "
+            f"{max_steps} rows of {row_bytes} bytes = {total / 2**30:.1f} GiB, more than the "
+            f"{limit / 2**30:.1f} GiB of device memory (and a vmapped batch multiplies it). "
+            f"Lower `max_steps` to what the solve needs; {advice}"
         )
 
 
@@ -240,8 +232,9 @@ def _ts_ok(ts):
 
 
 def integrate(problem, config, *, kind="lax", record=None, checkpoints=None, restarts=None,
-              derivatives=False):
-    """Solve `problem`; `record` is None, "grid" ((t_k, h_k) only) or "states";
+              derivatives=False, slots=None):
+    """Solve `problem`; `record` is None, "steps" (how each step was taken) or
+    "states" (and the checkpoint of its input, `malijax._records`);
     `restarts` (a `Restarts`, with a `record`) also keeps a few whole solver states;
     `derivatives` keeps `dy/dt` at outputs inside steps (for gradients w.r.t. `ts`).
 
@@ -275,7 +268,7 @@ def integrate(problem, config, *, kind="lax", record=None, checkpoints=None, res
         )
     return _integrate_while(
         problem, config, state0, result0, direction, kind, record, checkpoints, restarts,
-        derivatives,
+        derivatives, slots,
     )
 
 
@@ -297,7 +290,7 @@ def _integrate_grid(problem, config, state0, result0, direction, record, restart
         t = grid_time(t_start, h, k)
         if restarts is not None:
             flat_k = i * n + k
-            slots = restarts.update(slots, flat_k, state, jnp.array(True), _set_row)
+            slots = restarts.update(slots, flat_k, state, jnp.array(True), _records.set_row)
         if config.dense:
             state1, error, coeffs = solver.step_dense(func, t, h, state, args)
         else:
@@ -351,7 +344,7 @@ def _integrate_grid(problem, config, state0, result0, direction, record, restart
 
     trajectory = None
     if record is not None:
-        trajectory = Trajectory(None, None, None, num_steps, flat(recs), *_slot_fields(slots))
+        trajectory = Trajectory(num_steps, flat(recs), *_slot_fields(slots))
     if config.dense:
         dense = _dense.DenseInterpolation(*flat(dense), num_steps)
     return LoopOutput(ys, result, stats, state, trajectory, ts[-1], dense=dense)
@@ -361,7 +354,9 @@ def _slot_fields(slots):
     return (None, None) if slots is None else slots[:2]
 
 
-class _Carry(eqx.Module):
+class _Core(eqx.Module):
+    """What the adaptive loop carries from one iteration to the next (outputs aside)."""
+
     t: jax.Array
     h: jax.Array  # magnitude of the next step to try
     state: object
@@ -373,11 +368,18 @@ class _Carry(eqx.Module):
     rejected_before: jax.Array
     result: RESULTS
     y_max: jax.Array  # the largest RMS of y so far (parasitic_check)
-    ys: object
-    ys_dot: object  # dy/dt at outputs inside steps (for ∂/∂ts), or None
-    dense: object  # every accepted step's (t_k, h_k, interpolant), or None
-    rec: object
-    slots: object  # Restarts: (slot steps, slot states, spacing), or None
+
+
+class _Attempt(eqx.Module):
+    """One iteration's step, as the forward records it."""
+
+    took: jax.Array  # accepted
+    t: jax.Array  # t_k
+    h: jax.Array  # h_k as used (signed, clipped)
+    reach: jax.Array  # ended on the output time it aimed at
+    target: jax.Array  # that output time's index
+    mid: jax.Array  # outputs [c.j, mid) were interpolated, [mid, j') landed
+    coeffs: object  # the step's interpolant, or None
 
 
 def _write(buffer, index, value, pred):
@@ -411,134 +413,99 @@ def _save_outputs(ts, j, took, t_k, h, t1, y1, coeffs, ys, ys_dot, direction, ki
     def body(s):
         j, mid, ys, ys_dot = s
         s_j = ts[j]
-        if coeffs is None:
-            y = y1
-        else:
+        y = y1
+        if coeffs is not None:
             inside = s_j != t1
+            mid = jnp.where(inside, j + 1, mid)
             # (h = 0 for an element that finished before the others of a vmapped batch:
             # no NaN, not even in an unselected branch, where gradients would see it.)
             h_safe = jnp.where(h == 0, 1, h)
             theta = (s_j - t_k) / h_safe
-            y = tree_where(inside, _dense.evaluate(coeffs, theta), y1)
-            mid = jnp.where(inside, j + 1, mid)
+            if ys is not None:
+                y = tree_where(inside, _dense.evaluate(coeffs, theta), y1)
             if ys_dot is not None:
                 ys_dot = _write(ys_dot, j, _dense.derivative(coeffs, theta, h_safe), inside)
-        return j + 1, mid, _write(ys, j, y, True), ys_dot
+        if ys is not None:
+            ys = _write(ys, j, y, True)
+        return j + 1, mid, ys, ys_dot
 
-    has_dot = ys_dot is not None
+    parts = (ys is not None, ys_dot is not None)
+    if not parts[0]:  # a replay: only where the outputs fall, nothing written
+        kind = "lax" if kind == "checkpointed" else kind
+
+    def buffers(s):
+        return tuple(b for b, keep in zip(s[2:], parts) if keep)
+
     return eqxi.while_loop(
         cond, body, (j, j, ys, ys_dot), max_steps=num_out, kind=kind,
-        buffers=lambda s: (s[2], s[3]) if has_dot else s[2], **_loop_kwargs(kind, num_out),
+        buffers=buffers, **_loop_kwargs(kind, num_out),
     )
 
 
-def _integrate_while(
-    problem, config, state0, result0, direction, kind, record, checkpoints, restarts,
-    derivatives,
-):
-    """Adaptive steps or `step_size` (or, for checkpointing, a `num_steps` grid): one
-    while loop bounded by `max_steps`. Each iteration proposes a step (`propose`),
-    takes and judges it (`attempt`), writes the outputs it reached (`_save_outputs`),
-    records it for a gradient strategy (`record_step`) and notes failures (`judge`)."""
-    func, y0, ts, args = problem.func, problem.y0, problem.ts, problem.args
-    solver, controller, max_steps = config.solver, config.controller, config.max_steps
-    dtype = ts.dtype
-    eps = jnp.finfo(dtype).eps
-    num_out = ts.shape[0]
-    adaptive = isinstance(controller, PIController)
-    grid = controller is None
-    # Steps chosen by the tolerance (or step_size) alone, outputs from the interpolant.
-    interpolate = config.interpolates(num_out)
-    if grid:
-        max_steps = config.num_steps * (num_out - 1)  # exactly the grid's steps
+class _Stepper:
+    """One iteration of the adaptive (or `step_size`) loop: propose a step, take and
+    judge it, find the outputs it reached. Shared by the forward (`_integrate_while`)
+    and the reverse sweep's replay (`replay`), so that both take the same steps."""
 
-    if grid:
-        h0 = jnp.zeros((), dtype)
-        init_fevals = solver.fevals_init
-    elif adaptive:
-        h0 = controller.initial_step(func, solver, ts[0], y0, args, direction, dtype)
-        init_fevals = solver.fevals_init + 2
-    else:
-        h0 = jnp.abs(jnp.asarray(controller.step_size, dtype))
-        init_fevals = solver.fevals_init
+    def __init__(self, problem, config, direction, kind):
+        self.func, self.ts, self.args = problem.func, problem.ts, problem.args
+        self.solver, self.controller = config.solver, config.controller
+        self.config, self.direction, self.kind = config, direction, kind
+        self.dtype = self.ts.dtype
+        self.eps = jnp.finfo(self.dtype).eps
+        self.num_out = self.ts.shape[0]
+        self.adaptive = isinstance(self.controller, PIController)
+        self.grid = self.controller is None
+        # Steps chosen by the tolerance (or step_size) alone, outputs from the interpolant.
+        self.interpolate = config.interpolates(self.num_out)
+        self.steps_dense = config.steps_dense(self.num_out)
 
-    j0 = jnp.ones((), jnp.int32) if grid else leading_outputs(ts)
-    # Outputs at ts[0] (repeats included) take y0 before any step.
-    leading = jnp.arange(num_out, dtype=jnp.int32) < j0
-    ys = jtu.tree_map(
-        lambda y: jnp.where(leading.reshape((-1,) + (1,) * y.ndim), y[None],
-                            jnp.full((num_out,) + y.shape, jnp.nan, y.dtype)),
-        y0,
-    )
-    # Zeros, not NaN: only the rows of interpolated outputs are read, but a second
-    # derivative of the sweep would meet NaN · 0 in the others.
-    ys_dot = None
-    if interpolate and derivatives:
-        ys_dot = jtu.tree_map(lambda y: jnp.zeros((num_out,) + y.shape, y.dtype), y0)
-    rec = None
-    if record is not None:
-        checkpoint = solver.checkpoint(state0) if record == "states" else None
-        minus = jnp.full((max_steps,), -1, jnp.int32)
-        rec = (jnp.zeros((max_steps,), dtype), jnp.zeros((max_steps,), dtype), minus, minus,
-               minus, _nan_buffer((max_steps,), checkpoint))
-        check_buffer_memory(max_steps, rec)  # traced: nothing is allocated yet
-    slots0 = None if restarts is None else restarts.init(state0)
-    dense0 = None
-    if config.dense:
-        coeffs = jax.eval_shape(lambda: solver.step_dense(func, ts[0], ts[0], state0, args)[2])
-        dense0 = (jnp.zeros((max_steps,), dtype), jnp.ones((max_steps,), dtype),
-                  _nan_buffer((max_steps,), coeffs))
-        check_buffer_memory(max_steps, dense0)
-
-    def propose(c):
+    def propose(self, c):
         """`(c, t_k, h, reach, target)`: the step to try, whether it ends on the output
         time it aims at (clipped onto it), and that time's index."""
-        if grid:  # the same (t_k, h_k) as the scan over a num_steps grid
-            t_k, h, out = grid_step(ts, config.num_steps, c.num_steps)
-            return eqx.tree_at(lambda c: c.t, c, t_k), t_k, h, out >= 0, out
-        target = jnp.asarray(num_out - 1, jnp.int32) if interpolate else c.j
+        ts = self.ts
+        if self.grid:  # the same (t_k, h_k) as the scan over a num_steps grid
+            t_k, h, out = grid_step(ts, self.config.num_steps, c.num_steps)
+            return dataclasses.replace(c, t=t_k), t_k, h, out >= 0, out
+        target = jnp.asarray(self.num_out - 1, jnp.int32) if self.interpolate else c.j
         t_target = ts[target]
         remaining = t_target - c.t
-        h_try = direction * c.h
+        h_try = self.direction * c.h
         # A step within `tiny` of its target is stretched onto it, sparing a sliver of
         # a step later, but not right after a rejection: the shrunk step would be
         # stretched back to the size just rejected, and retried unchanged until
         # max_steps (a livelock, seen in float32 next to a discontinuity at an output).
         tiny = jnp.where(
-            c.rejected_before, 0, 100 * eps * jnp.maximum(jnp.abs(t_target), jnp.abs(c.t))
+            c.rejected_before, 0,
+            100 * self.eps * jnp.maximum(jnp.abs(t_target), jnp.abs(c.t)),
         )
         reach = jnp.abs(remaining) <= jnp.abs(h_try) + tiny
         return c, c.t, jnp.where(reach, remaining, h_try), reach, target
 
-    def attempt(c, h):
-        """Take the step; `(state1, coeffs, accept, h_next, prev_ratio, finite, outgrown)`."""
-        if config.steps_dense(num_out):
-            state1, error, coeffs = solver.step_dense(func, c.t, h, c.state, args)
+    def attempt(self, c, h):
+        """Take the step; `(state1, coeffs, accept, h_next, prev_ratio, finite, y_max,
+        outgrown)`."""
+        solver = self.solver
+        if self.steps_dense:
+            state1, error, coeffs = solver.step_dense(self.func, c.t, h, c.state, self.args)
         else:
-            (state1, error), coeffs = solver.step(func, c.t, h, c.state, args), None
+            (state1, error), coeffs = solver.step(self.func, c.t, h, c.state, self.args), None
         finite = tree_all_finite(state1)
-        y_max, outgrown = parasitic_check(solver, state1, error, c.y_max, dtype)
-        if adaptive:
-            accept, h_next, prev_ratio = controller.adapt(
+        y_max, outgrown = parasitic_check(solver, state1, error, c.y_max, self.dtype)
+        if self.adaptive:
+            accept, h_next, prev_ratio = self.controller.adapt(
                 solver.y(c.state), solver.y(state1), error, jnp.abs(h), c.prev_ratio,
-                c.rejected_before, finite, solver.error_order, dtype,
+                c.rejected_before, finite, solver.error_order, self.dtype,
             )
         else:
             accept, h_next, prev_ratio = finite, c.h, c.prev_ratio
         return state1, coeffs, accept, h_next, prev_ratio, finite, y_max, outgrown
 
-    def record_step(c, h, reach, target, mid, hi, took):
-        if record is None:
-            return c.rec
-        checkpoint = solver.checkpoint(c.state) if record == "states" else None
-        end = jnp.where(reach, target, -1).astype(jnp.int32)
-        return _write(c.rec, c.num_steps, (c.t, h, end, mid, hi, checkpoint), took)
-
-    def judge(c, accept, h_next, finite, took, outgrown, t_target):
+    def judge(self, c, accept, h_next, finite, took, outgrown, t_target):
         """The result after this iteration: a failure is noted once, where it happens."""
-        if adaptive:
+        if self.adaptive:
             # The smallest step that still moves t: a couple of units in the last place.
-            floor = 2 * eps * jnp.maximum(jnp.abs(c.t), jnp.abs(t_target))
+            floor = 2 * self.eps * jnp.maximum(jnp.abs(c.t), jnp.abs(t_target))
             failed = ~accept & (h_next <= floor)
             code = RESULTS.where(finite, RESULTS.step_size_underflow, RESULTS.nonfinite_state)
         else:
@@ -549,33 +516,27 @@ def _integrate_while(
             took & outgrown & (result == RESULTS.successful), RESULTS.parasitic_instability, result
         )
 
-    def cond(c):
-        return (c.j < num_out) & (c.result == RESULTS.successful)
-
-    def body(c):
-        c, t_k, h, reach, target = propose(c)
-        state1, coeffs, accept, h_next, prev_ratio, finite, y_max, outgrown = attempt(c, h)
-        if adaptive:  # clipping to an output time must not shrink the steps that follow
+    def advance(self, c, ys=None, ys_dot=None):
+        """One iteration from `c`: `(c', attempt, ys, ys_dot)`, the outputs the step
+        reached written into `ys` (and `ys_dot`) unless `ys` is None (a replay)."""
+        ts, solver = self.ts, self.solver
+        c, t_k, h, reach, target = self.propose(c)
+        state1, coeffs, accept, h_next, prev_ratio, finite, y_max, outgrown = self.attempt(c, h)
+        if self.adaptive:  # clipping to an output time must not shrink the steps that follow
             h_next = jnp.where(accept & reach, jnp.maximum(h_next, c.h), h_next)
         took = accept
         state = tree_where(took, state1, c.state)
         t1 = jnp.where(reach, ts[target], t_k + h)
-        if grid:  # exactly one output per interval, even where ts repeats
+        if self.grid:  # exactly one output per interval, even where ts repeats
             j, mid = c.j + reach.astype(jnp.int32), c.j
-            ys, ys_dot = _write(c.ys, c.j, solver.y(state), reach), None
+            if ys is not None:
+                ys = _write(ys, c.j, solver.y(state), reach)
         else:
             j, mid, ys, ys_dot = _save_outputs(
-                ts, c.j, took, t_k, h, t1, solver.y(state1), coeffs if interpolate else None,
-                c.ys, c.ys_dot, direction, kind,
+                ts, c.j, took, t_k, h, t1, solver.y(state1),
+                coeffs if self.interpolate else None, ys, ys_dot, self.direction, self.kind,
             )
-        rec = record_step(c, h, reach, target, mid, j, took)
-        dense = c.dense
-        if config.dense:
-            dense = _write(dense, c.num_steps, (t_k, h, coeffs), took)
-        slots = c.slots
-        if restarts is not None:
-            slots = restarts.update(slots, c.num_steps, c.state, took, _write)
-        return _Carry(
+        new = _Core(
             t=jnp.where(took, t1, c.t),
             h=h_next,
             state=state,
@@ -585,54 +546,157 @@ def _integrate_while(
             num_iters=c.num_iters + 1,
             prev_ratio=prev_ratio,
             rejected_before=~accept,
-            result=judge(c, accept, h_next, finite, took, outgrown, ts[target]),
+            result=self.judge(c, accept, h_next, finite, took, outgrown, ts[target]),
             y_max=jnp.where(took, y_max, c.y_max),
-            ys=ys,
-            ys_dot=ys_dot,
-            dense=dense,
-            rec=rec,
-            slots=slots,
+        )
+        return new, _Attempt(took, t_k, h, reach, target, mid, coeffs), ys, ys_dot
+
+    def row(self, c, a, hi, record="states"):
+        """The record of the step attempted from `c` (`_records.Row`), with the
+        checkpoint of its input state for `record="states"`."""
+        checkpoint = self.solver.checkpoint(c.state) if record == "states" else None
+        return _records.Row(
+            t=a.t, h=a.h, end=jnp.where(a.reach, a.target, -1).astype(jnp.int32), lo=c.j,
+            mid=a.mid, hi=hi, h_try=c.h, prev_ratio=c.prev_ratio,
+            rejected_before=c.rejected_before, checkpoint=checkpoint,
         )
 
-    zero_i = jnp.zeros((), jnp.int32)
-    carry0 = _Carry(
-        t=ts[0],
-        h=h0,
-        state=state0,
-        j=j0,
-        num_steps=zero_i,
-        num_rejected=zero_i,
-        num_iters=zero_i,
-        prev_ratio=jnp.ones((), dtype),
-        rejected_before=jnp.array(False),
-        result=result0,
-        y_max=rms_norm(y0, dtype),
-        ys=ys,
-        ys_dot=ys_dot,
-        dense=dense0,
-        rec=rec,
-        slots=slots0,
+    def resume(self, row, num_steps, state=None):
+        """The loop's carry at the start of the attempt that took step `num_steps`
+        (recorded in `row`; `state`: its input, if the row holds none): running on from
+        it takes the same steps again."""
+        zero_i = jnp.zeros((), jnp.int32)
+        if state is None:
+            state = self.solver.restore(self.func, row.t, row.checkpoint, self.args)
+        return _Core(
+            t=row.t,
+            h=row.h_try,
+            state=state,
+            j=row.lo,
+            num_steps=num_steps,
+            num_rejected=zero_i,
+            num_iters=zero_i,
+            prev_ratio=row.prev_ratio,
+            rejected_before=row.rejected_before,
+            result=RESULTS.successful,  # (a replay only covers steps the forward took)
+            y_max=jnp.zeros((), self.dtype),  # (only judges the result, not the steps)
+        )
+
+
+class _Buffers(eqx.Module):
+    """What the forward writes as it goes (each None unless asked for)."""
+
+    ys: object
+    ys_dot: object  # dy/dt at outputs inside steps (for ∂/∂ts)
+    dense: object  # every accepted step's (t_k, h_k, interpolant)
+    records: object  # `_records` slots of the steps (a `record`)
+    slots: object  # Restarts: (slot steps, slot states, spacing)
+
+
+def _initial_step(stepper, y0, args, direction):
+    """`(h0, fevals)`: the first step to try and the evaluations spent choosing it."""
+    solver, controller, dtype = stepper.solver, stepper.controller, stepper.dtype
+    if stepper.grid:
+        return jnp.zeros((), dtype), solver.fevals_init
+    if stepper.adaptive:
+        h0 = controller.initial_step(
+            stepper.func, solver, stepper.ts[0], y0, args, direction, dtype
+        )
+        return h0, solver.fevals_init + 2
+    return jnp.abs(jnp.asarray(controller.step_size, dtype)), solver.fevals_init
+
+
+def _output_buffers(y0, j0, num_out, derivatives):
+    """`ys` with the outputs at ts[0] (repeats included) already `y0`, and `ys_dot`."""
+    leading = jnp.arange(num_out, dtype=jnp.int32) < j0
+    ys = jtu.tree_map(
+        lambda y: jnp.where(leading.reshape((-1,) + (1,) * y.ndim), y[None],
+                            jnp.full((num_out,) + y.shape, jnp.nan, y.dtype)),
+        y0,
     )
-    # Buffers written in place; equinox's checkpointed loop refuses None among them.
-    kept = (True, ys_dot is not None, rec is not None, restarts is not None, dense0 is not None)
+    # Zeros, not NaN: only the rows of interpolated outputs are read, but a second
+    # derivative of the sweep would meet NaN · 0 in the others.
+    ys_dot = None
+    if derivatives:
+        ys_dot = jtu.tree_map(lambda y: jnp.zeros((num_out,) + y.shape, y.dtype), y0)
+    return ys, ys_dot
 
-    def buffers(c):
-        parts = (c.ys, c.ys_dot, c.rec, None if restarts is None else c.slots[1], c.dense)
-        return tuple(b for b, keep in zip(parts, kept) if keep)
 
-    c = eqxi.while_loop(
-        cond,
-        body,
-        carry0,
-        max_steps=max_steps,
-        buffers=buffers,
-        kind=kind,
+def _integrate_while(
+    problem, config, state0, result0, direction, kind, record, checkpoints, restarts,
+    derivatives, slots,
+):
+    """Adaptive steps or `step_size` (or, for checkpointing, a `num_steps` grid): one
+    while loop bounded by `max_steps`, each iteration one `_Stepper.advance`, whose
+    step is then recorded as the gradient strategy asked."""
+    func, y0, ts, args = problem.func, problem.y0, problem.ts, problem.args
+    solver, max_steps = config.solver, config.max_steps
+    dtype, num_out = ts.dtype, ts.shape[0]
+    stepper = _Stepper(problem, config, direction, kind)
+    if stepper.grid:
+        max_steps = config.num_steps * (num_out - 1)  # exactly the grid's steps
+    h0, init_fevals = _initial_step(stepper, y0, args, direction)
+    j0 = jnp.ones((), jnp.int32) if stepper.grid else leading_outputs(ts)
+    ys, ys_dot = _output_buffers(y0, j0, num_out, derivatives and stepper.interpolate)
+    zero_i = jnp.zeros((), jnp.int32)
+    core0 = _Core(
+        t=ts[0], h=h0, state=state0, j=j0, num_steps=zero_i, num_rejected=zero_i,
+        num_iters=zero_i, prev_ratio=jnp.ones((), dtype), rejected_before=jnp.array(False),
+        result=result0, y_max=rms_norm(y0, dtype),
+    )
+    records = records0 = None
+    if record is not None:
+        row_like = jax.eval_shape(lambda: stepper.row(core0, stepper.advance(core0)[1], j0, record))
+        states = record == "states"
+        records = _records.Records(
+            _records.slots_for(max_steps, row_like, slots, states), states=states
+        )
+        records0 = records.init(row_like)
+    dense0 = None
+    if config.dense:
+        coeffs = jax.eval_shape(lambda: solver.step_dense(func, ts[0], ts[0], state0, args)[2])
+        dense0 = (jnp.zeros((max_steps,), dtype), jnp.ones((max_steps,), dtype),
+                  _nan_buffer((max_steps,), coeffs))
+        check_buffer_memory(
+            max_steps, dense0, "the dense solution (every step's interpolant)",
+            "or ask for the output times you need in `ts` instead of `dense=True`.",
+        )
+    slots0 = None if restarts is None else restarts.init(state0)
+    buffers0 = _Buffers(ys, ys_dot, dense0, records0, slots0)
+
+    def body(carry):
+        c, b = carry
+        new, a, ys, ys_dot = stepper.advance(c, b.ys, b.ys_dot)
+        k, took = c.num_steps, a.took
+        records_, dense, slots_ = b.records, b.dense, b.slots
+        if records is not None:
+            row = stepper.row(c, a, new.j, record)
+            records_ = records.store(records_, k, row, took, _records.set_row)
+        if dense is not None:
+            dense = _write(dense, k, (a.t, a.h, a.coeffs), took)
+        if restarts is not None:
+            slots_ = restarts.update(slots_, k, c.state, took, _records.set_row)
+        return new, _Buffers(ys, ys_dot, dense, records_, slots_)
+
+    def cond(carry):
+        c = carry[0]
+        return (c.j < num_out) & (c.result == RESULTS.successful)
+
+    # Written in place, each row once (Equinox's contract for a buffer; its checkpointed
+    # loop refuses None among them). Slots, which are overwritten, are not buffers:
+    # a reverse-differentiated loop would get their cotangents wrong.
+    kept = (True, ys_dot is not None, dense0 is not None)
+
+    def buffers(carry):
+        b = carry[1]
+        return tuple(p for p, keep in zip((b.ys, b.ys_dot, b.dense), kept) if keep)
+
+    c, b = eqxi.while_loop(
+        cond, body, (core0, buffers0), max_steps=max_steps, buffers=buffers, kind=kind,
         **_loop_kwargs(kind, checkpoints),
     )
     result = RESULTS.where(
-        (c.j < num_out) & (c.result == RESULTS.successful),
-        RESULTS.max_steps_reached,
-        c.result,
+        (c.j < num_out) & (c.result == RESULTS.successful), RESULTS.max_steps_reached, c.result
     )
     stats = {
         "num_steps": c.num_steps,
@@ -642,9 +706,52 @@ def _integrate_while(
     }
     trajectory = None
     if record is not None:
-        t_k, h_k, end, mid, hi, states = c.rec
-        trajectory = Trajectory(t_k, h_k, end, c.num_steps, states, *_slot_fields(c.slots),
-                                mid=mid, hi=hi, first=j0)
+        trajectory = Trajectory(c.num_steps, None, *_slot_fields(b.slots), first=j0,
+                                records=b.records, layout=records)
     t_target = ts[jnp.minimum(c.j, num_out - 1)]
-    dense = None if dense0 is None else _dense.DenseInterpolation(*c.dense, c.num_steps)
-    return LoopOutput(c.ys, result, stats, c.state, trajectory, t_target, c.ys_dot, dense)
+    dense = None if dense0 is None else _dense.DenseInterpolation(*b.dense, c.num_steps)
+    return LoopOutput(b.ys, result, stats, c.state, trajectory, t_target, b.ys_dot, dense)
+
+
+def replay(problem, config, direction, layout, records, swept, target, kind, spare=0):
+    """Make the row of step `target` available to the reverse sweep, which has undone
+    every step after `swept` (`malijax._records`; `layout` is the `Records`). If it is
+    not stored, rerun the forward loop from the nearest stored step below it that can
+    be resumed from (step 0 for rows without states), storing the steps it passes in
+    the free slots (those of steps after `swept`, and the reserve), `target` included,
+    but `spare` of them: evenly spread for rows with states, the steps just below
+    `target` for rows without. Nothing to do for `target < 0`. Returns the records."""
+    steps, rows, spacing = records
+    stepper = _Stepper(problem, config, direction, kind)
+    have = jnp.any(steps == target) | (target < 0)
+    free = (steps < 0) | (steps > swept)
+    budget = jnp.maximum(jnp.sum(free, dtype=jnp.int32) - spare, 1)
+    if layout.states:
+        base = jnp.max(jnp.where((steps >= 0) & (steps <= target), steps, 0))
+        # Store target, target - every, target - 2 every, ...: at most `budget` steps.
+        every = jnp.maximum(1, -(-(target - base) // budget))
+        c0 = stepper.resume(_records.lookup(records, base), base)
+    else:
+        base, every = jnp.zeros((), jnp.int32), jnp.ones((), jnp.int32)
+        state0 = config.solver.init(problem.func, problem.ts[0], problem.y0, problem.args)
+        c0 = stepper.resume(_records.lookup(records, base), base, state0)
+
+    def cond(s):
+        c = s[0]
+        return ~have & (c.num_steps <= target) & (c.result == RESULTS.successful)
+
+    def body(s):
+        c, steps, rows = s
+        new, a, _, _ = stepper.advance(c)
+        k = c.num_steps
+        due = a.took & (k > base) & ((target - k) % every == 0) & (target - k < every * budget)
+        slot = jnp.argmax((steps < 0) | (steps > swept))
+        steps = steps.at[slot].set(jnp.where(due, k, steps[slot]))
+        row = stepper.row(c, a, new.j, "states" if layout.states else "steps")
+        rows = _records.set_row(rows, slot, row, due)
+        return new, steps, rows
+
+    _, steps, rows = eqxi.while_loop(
+        cond, body, (c0, steps, rows), max_steps=config.max_steps, kind=kind
+    )
+    return steps, rows, spacing

@@ -6,17 +6,12 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from ._gradient import ACA, ANODE
+from ._gradient import ACA
 from ._odeint import run
 from ._solver import Dopri5
 
-# `mxstep=inf` still needs a static bound: the while loop and ACA's checkpoints are sized by it.
+# `mxstep=inf` still needs a static bound on the while loop.
 _MAX_STEPS_FOR_INF = 16_384
-# ACA stores one state per step in buffers sized by `max_steps`. Past this many bytes the
-# gradient is taken by binomial checkpointing instead: the same (exact) gradient, in memory
-# of a few states, for some recomputation.
-_ACA_MEMORY_LIMIT = 64 * 2**20
-_CHECKPOINTS = 32
 
 
 def odeint(func, y0, t, *args, rtol=1.4e-8, atol=1.4e-8, mxstep=math.inf, hmax=math.inf):
@@ -43,10 +38,9 @@ def odeint(func, y0, t, *args, rtol=1.4e-8, atol=1.4e-8, mxstep=math.inf, hmax=m
     its buffers need one static size (with `mxstep=inf`, 16384 steps in all).
     `hmax` caps the step size. `*args` are passed to `func` and receive gradients.
 
-    Gradients use ACA (one stored state per step) when its buffers, sized by the
-    static step bound, take at most 64 MiB (`max_steps · size of y0`); beyond that
-    `ANODE(checkpoints=32)` (binomial checkpointing: 32 stored states, steps recomputed
-    about `log N / log 32` times). Both give the same gradient.
+    Gradients use ACA: the state at every step while its slots last, a bounded
+    recompute past them (`malijax._records`: memory set by the slot count, not by
+    `mxstep`).
     """
     t = jnp.asarray(t)
     intervals = max(t.shape[0] - 1, 1) if t.ndim == 1 else 1
@@ -80,13 +74,8 @@ def odeint(func, y0, t, *args, rtol=1.4e-8, atol=1.4e-8, mxstep=math.inf, hmax=m
             raise TypeError("`func` returned complex values for a real `y0`: pass a complex `y0`.")
         return out_flat.astype(y0_flat.dtype)
 
-    state_bytes = y0_flat.size * y0_flat.dtype.itemsize
-    if max_steps * state_bytes <= _ACA_MEMORY_LIMIT:
-        gradient = ACA()
-    else:
-        gradient = ANODE(checkpoints=_CHECKPOINTS)
     solution = run(
-        vector_field, y0_flat, t, args, solver=Dopri5(), gradient=gradient, rtol=rtol,
+        vector_field, y0_flat, t, args, solver=Dopri5(), gradient=ACA(), rtol=rtol,
         atol=atol, step_size=None, num_steps=None, max_steps=max_steps, throw=True,
         max_step=hmax, limit=limit,
     )

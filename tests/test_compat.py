@@ -115,9 +115,9 @@ def test_bad_mxstep_and_hmax():
 
 
 def test_large_state_gradient_uses_bounded_memory():
-    """With `mxstep=inf` ACA's per-step buffers would hold 16384 states (125 MiB for 1000
-    float64s); past 64 MiB the gradient is taken by binomial checkpointing instead: the same
-    gradient, in a few states' memory."""
+    """With `mxstep=inf` (16384 steps) per-step buffers would hold 125 MiB for 1000
+    float64s; ACA's records are bounded by their slots (`malijax._records`), the same
+    gradient as with `mxstep=1000`."""
     y0 = jnp.linspace(-1.0, 1.0, 1000)
     ts = jnp.array([0.0, 0.5, 1.0])
 
@@ -129,8 +129,8 @@ def test_large_state_gradient_uses_bounded_memory():
     bounded, aca = grad(y0, float("inf")), grad(y0, 1000)  # mxstep=1000: ACA within 64 MiB
     assert max_rel_err(bounded, aca) <= 1e-12
     temp = grad.lower(y0, float("inf")).compile().memory_analysis().temp_size_in_bytes
-    # 32 checkpoints of the Dopri5 loop state (a few states each; measured: 102 states'
-    # worth), against 16384 · y0.nbytes for ACA's buffers alone
+    # 128 slots (`_records.MAX_SLOTS`) and the sweep's working states (measured: 154
+    # states' worth, the same as with mxstep=1000), against 16384 for one per step
     assert temp <= 200 * y0.nbytes, temp
 
 

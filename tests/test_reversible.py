@@ -244,7 +244,7 @@ def test_restart_slots_spread_evenly_and_hold_exact_states(num_slots, num_steps)
     config = Config(solver=solver, controller=mj._controller.ConstantStepSize(1 / num_steps),
                     num_steps=None, max_steps=num_steps + 1, throw=False)
     problem = Problem(lambda t, y, a: -y, f64(1.0), ts, None)
-    out = integrate(problem, config, record="grid", restarts=Restarts(num_slots, 1))
+    out = integrate(problem, config, record="steps", restarts=Restarts(num_slots, 1))
     traj = out.trajectory
     assert int(traj.num_steps) == num_steps
     steps = np.asarray(traj.slot_steps)

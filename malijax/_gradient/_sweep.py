@@ -13,6 +13,13 @@ is undone (`backward_step`): it returns `x_k`, the cotangent of `x_k` (including
 cotangent attached to `x_k`), and the cotangents of `func`, `args`, `t_k` and `h_k`, given
 those of `x_{k+1}` and of `C^k`. `prologue` may adjust the final state's cotangent.
 
+Where a step is read from. On a `num_steps` grid `(t_k, h_k)` are recomputed from `ts`
+and ACA's checkpoints are one per step. A while loop keeps its steps in a fixed number of
+slots (`malijax._records`): before undoing step `k` the sweep makes sure the row of step
+`k - 1` is there (`ensure`), replaying the forward loop (`_loop.replay`, the same
+`_Stepper`, so the same steps) from the nearest stored step if it is not, into the
+slots of steps already undone.
+
 Stored states and reconstruction are the two ends of one scale. ACA stores `x_k` at
 every step and its `backward_step` loads it; MALI stores none and rebuilds `x_k` from
 `x_{k+1}` with the solver's algebraic inverse, which amplifies rounding by up to
@@ -56,9 +63,9 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 
-from .. import _dense
+from .. import _dense, _records
 from .._batching import any_over_batch, summing, summing_over_batch, value_and_vjp
-from .._loop import LoopOutput, Problem, grid_step, integrate
+from .._loop import LoopOutput, Problem, grid_step, integrate, replay
 from .._misc import (
     cotangent_or_zeros, real_dtype, tree_add, tree_dot, tree_where, tree_zeros_like,
 )
@@ -159,7 +166,7 @@ def _forward(diff, config, strategy, derivatives=False):
     restarts = strategy.restarts(config, ts.shape[0], y0)
     return integrate(
         Problem(func, y0, ts, args), config, kind=config.while_kind(1), record=strategy.record,
-        restarts=restarts, derivatives=derivatives,
+        restarts=restarts, derivatives=derivatives, slots=getattr(strategy, "slots", None),
     )
 
 
@@ -197,63 +204,104 @@ def _solve_bwd(residuals, grad_obj, perturbed, diff, config, strategy):
                              ct_steps)
 
 
-def reverse_sweep(strategy, diff, config, traj, final_state, ct_ys, ys_dot=None, ct_steps=None):
-    """Walk the recorded steps backwards (see the module docstring). `ys_dot`: `dy/dt` at
-    the outputs inside steps (when `ts` is differentiated); `ct_steps`: the cotangents of
-    every step's `(t_k, h_k, interpolant coefficients)` from `solve(..., dense=True)`."""
-    y0, func, args, ts = diff
-    solver = config.solver
-    num_out = ts.shape[0]
-    # A num_steps grid (scan) rather than a while loop; one output time takes no steps.
-    grid = config.controller is None or num_out == 1
-    degree = solver.dense_degree if config.steps_dense(num_out) and num_out > 1 else None
-    n_per = config.num_steps if num_out > 1 and grid else 0
-    x_final = strategy.final_carry(solver, final_state)
-    loop_kind = config.while_kind(1)
+class _Step(eqx.Module):
+    """What the sweep knows of recorded step `k`."""
 
-    def step_at(k):
-        """`(t_k, h_k, end_k, lo_k, mid_k, hi_k)` of recorded step k: the output time it
-        was clipped onto (or -1), and the outputs it reached (`Trajectory`)."""
-        if grid:
-            t, h, out = grid_step(ts, n_per, k)
+    t: jax.Array  # t_k
+    h: jax.Array  # h_k
+    end: jax.Array  # the output time it was clipped onto, or -1
+    lo: jax.Array  # outputs [lo, mid) came from its interpolant, [mid, hi) are its end
+    mid: jax.Array
+    hi: jax.Array
+    stored: object  # the checkpoint of its input x_k, if one was kept (ACA)
+
+
+class _Sweep:
+    """The reverse sweep's phases (`reverse_sweep`): where each recorded step is read
+    from (`step_at`, `ensure`), its outputs (`gather`), undoing one step (`step_back`),
+    the final state (`start`), the loop (`run`) and the initial map (`finish`)."""
+
+    def __init__(self, strategy, diff, config, traj, ct_ys, ys_dot, ct_steps):
+        y0, func, args, ts = diff
+        self.strategy, self.diff, self.config, self.traj = strategy, diff, config, traj
+        self.ct_ys, self.ys_dot, self.ct_steps = ct_ys, ys_dot, ct_steps
+        self.solver = config.solver
+        self.ts = ts
+        self.num_out = num_out = ts.shape[0]
+        # A num_steps grid (scan) rather than a while loop; one output time takes no steps.
+        self.grid = config.controller is None or num_out == 1
+        self.degree = (self.solver.dense_degree if config.steps_dense(num_out) and num_out > 1
+                       else None)
+        self.n_per = config.num_steps if num_out > 1 and self.grid else 0
+        self.loop_kind = config.while_kind(1)
+        self.restarts = traj is not None and traj.slot_steps is not None
+        self.slotted = traj is not None and traj.records is not None
+        self.problem = Problem(func, y0, ts, args)
+
+    def step_at(self, k, records):
+        """`_Step` k, from the grid or the records' slots."""
+        traj = self.traj
+        if self.grid:
+            t, h, out = grid_step(self.ts, self.n_per, k)
             lo = jnp.maximum(out, 0)
-            return t, h, out, lo, lo, jnp.where(out >= 0, out + 1, 0)
-        lo = jnp.where(k > 0, traj.hi[jnp.maximum(k - 1, 0)], traj.first)
-        return traj.ts[k], traj.hs[k], traj.out[k], lo, traj.mid[k], traj.hi[k]
+            stored = None
+            if traj is not None and traj.states is not None:
+                stored = jtu.tree_map(lambda x: x[k], traj.states)
+            return _Step(t, h, out, lo, lo, jnp.where(out >= 0, out + 1, 0), stored)
+        row = _records.lookup(records, k)
+        return _Step(row.t, row.h, row.end, row.lo, row.mid, row.hi, row.checkpoint)
 
-    def gather(k, active):
-        t, h, _, lo, mid, hi = step_at(k)
-        out = _gather_outputs(ct_ys, ys_dot, ts, (t, h, lo, mid, hi), active, degree, loop_kind)
-        if ct_steps is None:
+    def ensure(self, records, swept, k, spare=0):
+        """The records with step `k` in a slot (replayed if missing), every step after
+        `swept` having been undone (`_loop.replay`)."""
+        if not self.slotted:
+            return records
+        direction = jnp.sign(self.ts[-1] - self.ts[0])
+        return replay(self.problem, self.config, direction, self.traj.layout, records, swept, k,
+                      self.loop_kind, spare)
+
+    def gather(self, k, step, active):
+        """Step k's outputs (`_gather_outputs`), plus the dense solution's own rows."""
+        out = _gather_outputs(
+            self.ct_ys, self.ys_dot, self.ts, (step.t, step.h, step.lo, step.mid, step.hi),
+            active, self.degree, self.loop_kind,
+        )
+        if self.ct_steps is None:
             return out
-        # The dense solution's own rows: cotangents of this step's t_k, h_k, coefficients.
+        # The cotangents of this step's t_k, h_k and coefficients in the dense solution.
         ct_end, ct_coeffs, ct_ts, g_t, g_h = out
-        row = jtu.tree_map(lambda c: jnp.where(active, c[k], jnp.zeros_like(c[k])), ct_steps)
+        row = jtu.tree_map(lambda c: jnp.where(active, c[k], jnp.zeros_like(c[k])), self.ct_steps)
         ct_coeffs = tree_add(ct_coeffs, row[2])
         return ct_end, ct_coeffs, ct_ts, g_t + row[0], g_h + row[1]
 
-    restarts = traj is not None and traj.slot_steps is not None
-
-    def step_back(k, carry):
-        x1, ct_x1, ct_func, ct_args, ct_t1, ct_ts, worst, ahead = carry
+    def step_back(self, k, carry):
+        """Undo step k: from `(x_{k+1}, ∂L/∂x_{k+1})` to `(x_k, ∂L/∂x_k)`, accumulating
+        the cotangents of `func`, `args`, `ts`."""
+        x1, ct_x1, ct_func, ct_args, ct_t1, ct_ts, worst, ahead, records = carry
         ct_coeffs, g_t_out, g_h_out = ahead  # this step's interpolated outputs
-        t, h, end, *_ = step_at(k)
-        if restarts:  # x_{k+1}: stored if it was kept (never the final state)
-            x1, worst = _restart(traj, k + 1, t + h, x1, worst)
+        ts, solver = self.ts, self.solver
+        records = self.ensure(records, k, k - 1)
+        step = self.step_at(k, records)
+        t, h, end = step.t, step.h, step.end
+        if self.restarts:  # x_{k+1}: stored if it was kept (never the final state)
+            x1, worst = _restart(self.traj, k + 1, t + h, x1, worst)
         # What the strategy needs about step k - 1: its size, its outputs at x_k (the
         # state step k starts from) and its interpolated outputs' cotangent, gathered
         # here one step ahead and carried (a fused step may look one step back).
-        _, h_prev, *_ = step_at(jnp.maximum(k - 1, 0))
-        h_prev = jnp.where(k > 0, h_prev, jnp.zeros_like(h_prev))
-        ct_y0, ct_coeffs_prev, ct_ts_prev, g_t_prev, g_h_prev = gather(jnp.maximum(k - 1, 0), k > 0)
+        prev = self.step_at(jnp.maximum(k - 1, 0), records)
+        h_prev = jnp.where(k > 0, prev.h, jnp.zeros_like(prev.h))
+        ct_y0, ct_coeffs_prev, ct_ts_prev, g_t_prev, g_h_prev = self.gather(
+            jnp.maximum(k - 1, 0), prev, k > 0
+        )
         ct_ts = ct_ts + ct_ts_prev
-        x0, ct_x0, g_func, g_args, g_t, g_h = strategy.backward_step(
-            solver, func, args, traj, k, t, h, x1, ct_x1, h_prev, ct_y0,
+        x0, ct_x0, g_func, g_args, g_t, g_h = self.strategy.backward_step(
+            solver, self.diff[1], self.diff[2], step.stored, t, h, x1, ct_x1, h_prev, ct_y0,
             ct_dense=ct_coeffs, ct_dense_prev=ct_coeffs_prev,
         )
         g_t = (jnp.zeros_like(t) if g_t is None else g_t) + g_t_out
         g_h = (jnp.zeros_like(h) if g_h is None else g_h) + g_h_out
-        if grid:
+        if self.grid:
+            n_per = self.n_per
             i, n = k // n_per, k % n_per
             frac = n.astype(ts.dtype) / n_per
             ct_ts = ct_ts.at[i].add(g_t * (1 - frac) - g_h / n_per)
@@ -267,59 +315,73 @@ def reverse_sweep(strategy, diff, config, traj, final_state, ct_ys, ys_dot=None,
         ct_func = tree_add(ct_func, g_func)
         ct_args = tree_add(ct_args, g_args)
         ahead = (ct_coeffs_prev, g_t_prev, g_h_prev)
-        return x0, ct_x0, ct_func, ct_args, ct_t0, ct_ts, worst, ahead
+        return x0, ct_x0, ct_func, ct_args, ct_t0, ct_ts, worst, ahead, records
 
-    # The final state: the outputs of the last step, then the strategy's prologue (for
-    # the fused reversible Heun, the pull-back through its cached f̂_N).
-    num_steps = n_per * (num_out - 1) if grid else traj.num_steps
-    if num_out == 1:  # no steps: the output is y0 itself (below)
-        ct_x_final, g_func_n, g_args_n, g_t_n = tree_zeros_like(x_final), None, None, None
-        ct_ts0, ahead = jnp.zeros_like(ts), (None, jnp.zeros((), ts.dtype), jnp.zeros((), ts.dtype))
-    else:
-        last = jnp.maximum(num_steps - 1, 0)
-        _, h_last, *_ = step_at(last)
-        ct_end, ct_coeffs_last, ct_ts0, g_t_last, g_h_last = gather(last, num_steps > 0)
-        ct_x_final = add_output_cotangent(
-            strategy, solver, x_final, tree_zeros_like(x_final), ct_end
+    def start(self, final_state):
+        """The carry at the final state: the outputs of the last step, then the
+        strategy's prologue (for the fused reversible Heun, the pull-back through its
+        cached f̂_N)."""
+        strategy, solver, ts, traj = self.strategy, self.solver, self.ts, self.traj
+        func, args = self.diff[1], self.diff[2]
+        x_final = strategy.final_carry(solver, final_state)
+        records = traj.records if self.slotted else None
+        if self.num_out == 1:  # no steps: the output is y0 itself (`finish`)
+            ct_x_final, g_func_n, g_args_n, g_t_n = tree_zeros_like(x_final), None, None, None
+            zero_t = jnp.zeros((), ts.dtype)
+            ct_ts0, ahead = jnp.zeros_like(ts), (None, zero_t, zero_t)
+        else:
+            num_steps = self.n_per * (self.num_out - 1) if self.grid else traj.num_steps
+            last = jnp.maximum(num_steps - 1, 0)
+            # One slot spare: the first step undone will still hold this one's.
+            records = self.ensure(records, num_steps, jnp.where(num_steps > 0, last, -1), spare=1)
+            step = self.step_at(last, records)
+            ct_end, ct_coeffs_last, ct_ts0, g_t_last, g_h_last = self.gather(
+                last, step, num_steps > 0
+            )
+            ct_x_final = add_output_cotangent(
+                strategy, solver, x_final, tree_zeros_like(x_final), ct_end
+            )
+            ct_x_final, g_func_n, g_args_n, g_t_n = strategy.prologue(
+                solver, func, args, x_final, ct_x_final, ts[-1], step.h, ct_dense=ct_coeffs_last
+            )
+            ahead = (ct_coeffs_last, g_t_last, g_h_last)
+        g_t_n = jnp.zeros((), ts.dtype) if g_t_n is None else g_t_n
+        if self.grid:  # t_N = ts[-1]; the grid's chain never reads the carried ∂L/∂t_{k+1}
+            ct_ts0 = ct_ts0.at[-1].add(g_t_n)
+            g_t_n = jnp.zeros_like(g_t_n)
+        return (
+            x_final,
+            ct_x_final,
+            tree_add(tree_zeros_like(func), g_func_n),
+            tree_add(tree_zeros_like(args), g_args_n),
+            g_t_n,  # ∂L/∂t_N so far
+            ct_ts0,
+            (jnp.zeros((), ts.dtype), ts[-1]),  # worst reconstruction error, and where
+            ahead,
+            records,
         )
-        ct_x_final, g_func_n, g_args_n, g_t_n = strategy.prologue(
-            solver, func, args, x_final, ct_x_final, ts[-1], h_last, ct_dense=ct_coeffs_last
-        )
-        ahead = (ct_coeffs_last, g_t_last, g_h_last)
-    g_t_n = jnp.zeros((), ts.dtype) if g_t_n is None else g_t_n
-    if grid:  # t_N = ts[-1]; the grid's chain below never reads the carried ∂L/∂t_{k+1}
-        ct_ts0 = ct_ts0.at[-1].add(g_t_n)
-        g_t_n = jnp.zeros_like(g_t_n)
 
-    carry = (
-        x_final,
-        ct_x_final,
-        tree_add(tree_zeros_like(func), g_func_n),
-        tree_add(tree_zeros_like(args), g_args_n),
-        g_t_n,  # ∂L/∂t_N so far
-        ct_ts0,
-        (jnp.zeros((), ts.dtype), ts[-1]),  # worst reconstruction error, and where
-        ahead,
-    )
-    if grid and num_out == 1:
-        pass  # no steps: only the initial map below
-    elif grid:
-        num = n_per * (num_out - 1)
+    def run(self, carry):
+        """Every recorded step, last first: a scan on a grid, else a while loop."""
+        if self.grid:
+            if self.num_out == 1:
+                return carry  # no steps: only the initial map (`finish`)
+            num = self.n_per * (self.num_out - 1)
 
-        def scan_body(c, _):
-            k, inner = c
-            return (k - 1, step_back(k, inner)), None
+            def scan_body(c, _):
+                k, inner = c
+                return (k - 1, self.step_back(k, inner)), None
 
-        # A carried counter, not `xs=arange(num)`: memory must not grow with the steps.
-        (_, carry), _ = jax.lax.scan(
-            scan_body, (jnp.asarray(num - 1, jnp.int32), carry), None, length=num
-        )
-    else:
+            # A carried counter, not `xs=arange(num)`: memory must not grow with the steps.
+            (_, carry), _ = jax.lax.scan(
+                scan_body, (jnp.asarray(num - 1, jnp.int32), carry), None, length=num
+            )
+            return carry
 
         def while_body(c):
             k, inner = c
             if not summing():
-                return k - 1, step_back(k, inner)
+                return k - 1, self.step_back(k, inner)
             # Summing over a vmapped batch, the loop runs (unbatched condition) until
             # the element with the most steps is done; the others idle at step 0 with
             # a zero cotangent, so their share of the parameter totals is exactly zero,
@@ -327,9 +389,9 @@ def reverse_sweep(strategy, diff, config, traj, final_state, ct_ys, ys_dot=None,
             active = k >= 0
             x1, ct_x1, *rest = inner
             ct_x1 = tree_where(active, ct_x1, tree_zeros_like(ct_x1))
-            *rest, (ct_coeffs, g_t_out, g_h_out) = rest
-            ahead = (_zero_where(~active, ct_coeffs), g_t_out, g_h_out)
-            new = step_back(jnp.maximum(k, 0), (x1, ct_x1, *rest, ahead))
+            ct_coeffs, g_t_out, g_h_out = rest[5]
+            rest[5] = (_zero_where(~active, ct_coeffs), g_t_out, g_h_out)
+            new = self.step_back(jnp.maximum(k, 0), (x1, ct_x1, *rest))
             kept = tree_where(active, new, inner)
             ct_params = (new[2], new[3])  # shared totals: not selected per element
             return k - 1, (*kept[:2], *ct_params, *kept[4:])
@@ -337,36 +399,51 @@ def reverse_sweep(strategy, diff, config, traj, final_state, ct_ys, ys_dot=None,
         def cond(c):
             return any_over_batch(c[0] >= 0) if summing() else c[0] >= 0
 
-        init = (traj.num_steps - 1, carry)
-        if loop_kind == "bounded":  # to be reverse-differentiated (_transforms)
-            _, carry = eqxi.while_loop(cond, while_body, init, max_steps=config.max_steps,
+        init = (self.traj.num_steps - 1, carry)
+        if self.loop_kind == "bounded":  # to be reverse-differentiated (_transforms)
+            _, carry = eqxi.while_loop(cond, while_body, init, max_steps=self.config.max_steps,
                                        kind="bounded")
         else:
             _, carry = jax.lax.while_loop(cond, while_body, init)
-    x0_rebuilt, ct_x0, ct_func, ct_args, ct_t0, ct_ts, worst, _ = carry
-    ct_ts = ct_ts.at[0].add(ct_t0)
+        return carry
 
-    # Through x_0 = to_carry(init(func, t0, y0, args)) (for ALF: v0 = f(t0, z0)).
-    def init_map(params, y0, t0):
-        return strategy.initial_carry(solver, solver.init(params[0], t0, y0, params[1]))
+    def finish(self, carry):
+        """Through `x_0 = to_carry(init(func, t0, y0, args))` (for ALF: `v0 = f(t0, z0)`),
+        and the outputs at `ts[0]`: the cotangents `(y0, func, args, ts)`."""
+        strategy, solver, ts, config = self.strategy, self.solver, self.ts, self.config
+        y0, func, args = self.diff[:3]
+        x0_rebuilt, ct_x0, ct_func, ct_args, ct_t0, ct_ts, worst, _, _ = carry
+        ct_ts = ct_ts.at[0].add(ct_t0)
 
-    x0, (g_func, g_args), (ct_y0, g_t0) = value_and_vjp(init_map, (func, args), (y0, ts[0]), ct_x0)
-    if strategy.reconstructs:
-        worst = _worse(worst, relative_difference(x0_rebuilt, x0), ts[0])
-        strategy.report_reconstruction(
-            *worst, dtype=real_dtype(jnp.result_type(*jtu.tree_leaves(x0))), config=config
+        def init_map(params, y0, t0):
+            return strategy.initial_carry(solver, solver.init(params[0], t0, y0, params[1]))
+
+        x0, (g_func, g_args), (ct_y0, g_t0) = value_and_vjp(
+            init_map, (func, args), (y0, ts[0]), ct_x0
         )
-    # Outputs [0, first) are at ts[0]: y0 itself.
-    first = 1 if grid else traj.first
-    leading = jnp.arange(num_out, dtype=jnp.int32) < first
-    ct_y0 = tree_add(ct_y0, jtu.tree_map(
-        lambda c: jnp.sum(jnp.where(leading.reshape((-1,) + (1,) * (c.ndim - 1)), c, 0), 0),
-        ct_ys,
-    ))
-    ct_ts = ct_ts.at[0].add(jnp.zeros_like(ts[0]) if g_t0 is None else g_t0)
-    ct_func = tree_add(ct_func, g_func)
-    ct_args = tree_add(ct_args, g_args)
-    return (ct_y0, ct_func, ct_args, ct_ts)
+        if strategy.reconstructs:
+            worst = _worse(worst, relative_difference(x0_rebuilt, x0), ts[0])
+            strategy.report_reconstruction(
+                *worst, dtype=real_dtype(jnp.result_type(*jtu.tree_leaves(x0))), config=config
+            )
+        # Outputs [0, first) are at ts[0]: y0 itself.
+        first = 1 if self.grid else self.traj.first
+        leading = jnp.arange(self.num_out, dtype=jnp.int32) < first
+        ct_y0 = tree_add(ct_y0, jtu.tree_map(
+            lambda c: jnp.sum(jnp.where(leading.reshape((-1,) + (1,) * (c.ndim - 1)), c, 0), 0),
+            self.ct_ys,
+        ))
+        ct_ts = ct_ts.at[0].add(jnp.zeros_like(ts[0]) if g_t0 is None else g_t0)
+        return ct_y0, tree_add(ct_func, g_func), tree_add(ct_args, g_args), ct_ts
+
+
+def reverse_sweep(strategy, diff, config, traj, final_state, ct_ys, ys_dot=None, ct_steps=None):
+    """Walk the recorded steps backwards (see the module docstring). `ys_dot`: `dy/dt` at
+    the outputs inside steps (when `ts` is differentiated); `ct_steps`: the cotangents of
+    every step's `(t_k, h_k, interpolant coefficients)` from `solve(..., dense=True)`.
+    Returns the cotangents of `(y0, func, args, ts)`."""
+    sweep = _Sweep(strategy, diff, config, traj, ct_ys, ys_dot, ct_steps)
+    return sweep.finish(sweep.run(sweep.start(final_state)))
 
 
 def _zero_where(pred, tree):

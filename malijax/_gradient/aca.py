@@ -1,4 +1,4 @@
-import jax.tree_util as jtu
+import equinox as eqx
 
 from .._batching import value_and_vjp
 from ._sweep import add_output_cotangent, solve_with_custom_vjp
@@ -16,15 +16,29 @@ class ACA(AbstractGradient):
     `Direct` up to rounding, with memory of one checkpoint per step and one step's
     activations.
 
-    Memory: under adaptive stepping the checkpoint buffer has `max_steps` rows
-    (shapes are static in JAX); with `num_steps` it has exactly one row per step.
+    **Memory.** With `num_steps` one checkpoint per step. Under adaptive stepping (or
+    `step_size`), where the number of steps is unknown at trace time, a fixed number of
+    slots, not `max_steps` rows (`malijax._records`): every step while the slots last
+    (by default up to 96 steps, fewer for states past 512 KiB: 64 MiB in all), then
+    evenly spread steps, the reverse sweep replaying the missing ones from the nearest
+    stored step (about one more forward solve). `slots=` sets the number (at least 4;
+    a quarter is kept free for the replays).
 
     ??? cite "Reference"
         Zhuang, Dvornek, Li, Tatikonda, Papademetris & Duncan, "Adaptive checkpoint
         adjoint method for gradient estimation in neural ODE", ICML 2020.
     """
 
+    slots: int | None = eqx.field(default=None, static=True)
+
     record = "states"
+
+    def __check_init__(self):
+        s = self.slots
+        if s is not None and (isinstance(s, bool) or not isinstance(s, int) or s < 4):
+            raise ValueError(
+                f"{type(self).__name__}(slots=...) must be None or an int >= 4, got {s!r}."
+            )
 
     def apply(self, problem, config):
         return solve_with_custom_vjp(self, problem, config)
@@ -44,19 +58,19 @@ class ACA(AbstractGradient):
         del solver, func, args, x, t, h_last, ct_dense
         return ct_x, None, None, None
 
-    def backward_step(self, solver, func, args, traj, k, t, h, x1, ct_x1, h_prev, ct_y0, *,
+    def backward_step(self, solver, func, args, stored, t, h, x1, ct_x1, h_prev, ct_y0, *,
                       ct_dense=None, ct_dense_prev=None):
-        del ct_dense_prev
-        c0, ct_c0, g_func, g_args, g_t, g_h = self.step_vjp(
-            solver, func, args, traj, k, t, h, ct_x1, ct_dense
+        del x1, h_prev, ct_dense_prev
+        c0 = stored
+        ct_c0, g_func, g_args, g_t, g_h = self.step_vjp(
+            solver, func, args, c0, t, h, ct_x1, ct_dense
         )
         ct_c0 = add_output_cotangent(self, solver, c0, ct_c0, ct_y0)
         return c0, ct_c0, g_func, g_args, g_t, g_h
 
-    def step_vjp(self, solver, func, args, traj, k, t, h, ct_x1, ct_dense=None):
-        """The checkpoint at step k and the VJP of the step from it, given the
-        cotangents of its end and (or None) of its interpolant's coefficients."""
-        c0 = jtu.tree_map(lambda x: x[k], traj.states)
+    def step_vjp(self, solver, func, args, c0, t, h, ct_x1, ct_dense=None):
+        """The VJP of the step from checkpoint `c0`, given the cotangents of its end and
+        (or None) of its interpolant's coefficients: `(ct_c0, g_func, g_args, g_t, g_h)`."""
 
         def local(c, func, args, t, h):
             state = solver.restore(func, t, c, args)
@@ -69,5 +83,5 @@ class ACA(AbstractGradient):
         _, (g_func, g_args), (ct_c0, g_t, g_h) = value_and_vjp(
             lambda p, c, t, h: local(c, *p, t, h), (func, args), (c0, t, h), ct
         )
-        return c0, ct_c0, g_func, g_args, g_t, g_h
+        return ct_c0, g_func, g_args, g_t, g_h
 

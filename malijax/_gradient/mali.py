@@ -64,8 +64,12 @@ class MALI(AbstractGradient):
     rebuilt-state error of 5e-5 at `T = 4` came with a gradient error of 3.5e-3).
     `reconstruction_rtol=math.inf` turns the check off.
 
-    Memory: the final state, the `(t_k, h_k)` scalars (sized by `max_steps` under
-    adaptive stepping) and the stored states.
+    **Memory**: the final state, the stored states, and how each step was taken
+    (`t_k`, `h_k` and a few scalars), which under adaptive stepping is kept for step 0
+    and the latest `slots - 1` steps (default `min(max_steps, 1024)` rows, never sized by
+    `max_steps` beyond that): past them the reverse sweep replays the forward from
+    step 0 to recover the step sizes of the earlier steps (`malijax._records`; about
+    `N / slots` replays for `N` steps).
 
     ??? cite "Reference"
         Zhuang, Dvornek, Tatikonda & Duncan, "MALI: A memory efficient and reverse
@@ -75,8 +79,9 @@ class MALI(AbstractGradient):
 
     checkpoints: int | None = eqx.field(default=None, static=True)
     reconstruction_rtol: float | None = eqx.field(default=None, static=True)
+    slots: int | None = eqx.field(default=None, static=True)
 
-    record = "grid"
+    record = "steps"
     reconstructs = True
 
     def __check_init__(self):
@@ -86,6 +91,9 @@ class MALI(AbstractGradient):
         k = self.checkpoints
         if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
             raise ValueError(f"MALI(checkpoints=...) must be None or an int >= 0, got {k!r}.")
+        s = self.slots
+        if s is not None and (isinstance(s, bool) or not isinstance(s, int) or s < 4):
+            raise ValueError(f"MALI(slots=...) must be None or an int >= 4, got {s!r}.")
 
     def check(self, solver, config):
         del config
@@ -148,8 +156,8 @@ class MALI(AbstractGradient):
     def prologue(self, solver, func, args, x, ct_x, t, h_last, ct_dense=None):
         return solver.inverse_vjp_prologue(func, t, h_last, x, ct_x, args, ct_dense=ct_dense)
 
-    def backward_step(self, solver, func, args, traj, k, t, h, x1, ct_x1, h_prev, ct_y0, *,
+    def backward_step(self, solver, func, args, stored, t, h, x1, ct_x1, h_prev, ct_y0, *,
                       ct_dense=None, ct_dense_prev=None):
-        del traj, k
+        del stored
         return solver.inverse_vjp(func, t, h, x1, ct_x1, args, h_prev=h_prev, ct_y0=ct_y0,
                                   ct_dense=ct_dense, ct_dense_prev=ct_dense_prev)
