@@ -271,6 +271,45 @@ def test_mali_backward_costs_one_vjp_per_step(solver, extra):
     assert count[0] == (1 + n) + (n + 1 + extra)
 
 
+@pytest.mark.parametrize("strategy", [mj.ACA(), mj.SymplecticAdjoint()], ids=name)
+def test_tsit5_backward_step_costs_six_vjps(strategy):
+    """Tsit5 is FSAL: its 7th stage f(t + h, y1) is the next step's first, so a step's
+    backward needs the VJPs of its 6 distinct stages only. Counted with a callback in
+    the backward rule of a `custom_vjp` inside `func` (a callback in `func` itself
+    would also count the 7th stage's evaluation, which XLA removes for a pure field)."""
+    count = [0]
+
+    @jax.custom_vjp
+    def act(y, a):
+        return a * jnp.tanh(y)
+
+    def act_fwd(y, a):
+        return act(y, a), (y, a)
+
+    def act_bwd(res, g):
+        y, a = res
+        jax.debug.callback(lambda: count.__setitem__(0, count[0] + 1))
+        return g * a * (1 - jnp.tanh(y) ** 2), jnp.sum(g * jnp.tanh(y))
+
+    act.defvjp(act_fwd, act_bwd)
+    ts = jnp.array([0.0, 1.0])
+    for kw in (dict(num_steps=10), dict(rtol=1e-6, atol=1e-9)):
+        def loss(a, kw=kw):
+            ys = mj.odeint(lambda t, y, a: act(y, a) - 0.3 * y, Y0, ts, a,
+                           solver=mj.Tsit5(), gradient=strategy, **kw)
+            return jnp.sum(ys[-1] ** 2)
+
+        grad = jax.jit(jax.grad(loss))
+        grad(1.3).block_until_ready()
+        count[0] = 0
+        grad(1.3).block_until_ready()
+        jax.effects_barrier()
+        steps = mj.solve(lambda t, y, a: a * jnp.tanh(y) - 0.3 * y, Y0, ts, 1.3,
+                         solver=mj.Tsit5(), gradient=strategy, **kw).stats["num_steps"]
+        assert int(steps) >= 5
+        assert count[0] == 6 * int(steps), (kw, count[0], int(steps))
+
+
 def _temp_bytes(strategy, solver, n):
     field = MLPField(16, 32, jr.PRNGKey(0))
     dynamic, static = eqx.partition(field, eqx.is_array)
