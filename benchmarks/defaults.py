@@ -1,6 +1,6 @@
 """Choosing the default `solver` and `gradient` of `mj.odeint` by measurement.
 
-Six candidates (solver, gradient):
+Seven candidates (solver, gradient):
 
     A  ALF()                  + MALI()     (the default before this benchmark)
     B  Reversible(Tsit5())    + MALI()     (coupling 0.5, automatic stored states)
@@ -8,6 +8,10 @@ Six candidates (solver, gradient):
     D  Reversible(Bosh3())    + MALI()
     E  ALF(eta=0.9)           + MALI()
     F  Tsit5()                + ACA()
+    G  (default)              + (default)  (no `solver` / `gradient` passed: whatever
+                                            `mj.odeint` resolves them to at run time,
+                                            possibly by the state's size; the report
+                                            names what it resolved to per problem)
 
 are run on six problems, all at the library's default tolerances (rtol 1e-3, atol 1e-6,
 adaptive steps, max_steps 4096) in float64, with 5 evenly spaced output times over
@@ -30,23 +34,43 @@ outputs, against scipy `solve_ivp(method="DOP853", rtol=atol=1e-13)` (for the CN
 log_prob against the same CNF with `Dopri5()`, `Direct()`, rtol = atol = 1e-10), and
 whether it is <= 100; the gradient of `sum(ys[1:]**2)` with respect to `(y0, args)`
 (CNF: of `-mean(log_prob)` w.r.t. the points and the field's parameters) against
-`gradient=mj.Direct()` with the same solver and tolerances, as the max over gradient
-leaves of max|g - g_ref| / max|g_ref| (requirement <= 1e-8), with any
-`mj.ReconstructionWarning` (caught at the warm-up call); and the gradient's wall time
+`gradient=mj.Direct()` with the same solver (for G: the solver the default resolves
+to for that state, `malijax._odeint.default_solver(y0)`, or `default_solver()` where it
+takes no state) and tolerances, as the max over gradient leaves of max|g - g_ref| /
+max|g_ref| (requirement <= 1e-8), with any `mj.ReconstructionWarning` (caught at the
+warm-up call); and the gradient's wall time
 (jitted, one warm-up call, median of 5 timed calls, `block_until_ready`).
 
 Memory: for y' = -y + 0.1 sin(y), y0 = ones(20000), T = 1, default tolerances, the
 `temp_size_in_bytes` of `jax.jit(jax.grad(loss)).lower(y0).compile().memory_analysis()`
-at max_steps = 1024 and 16384 for each candidate (requirement: ratio <= 1.5).
+at max_steps = 1024 and 16384 for each candidate (requirement: ratio <= 1.5); and, to
+show what a record per possible step costs at a large state, the same at max_steps 4096
+for y0 = ones(1_000_000) (8 MB in float64; compiled only, never run).
 
-    nice -n 5 .venv/bin/python benchmarks/defaults.py             # all: ~12 min on 2 busy cores
+Training loops (`--train`): benchmarks/dense_output.py's training section, run once per
+kind (`--train-kinds spirals,latent`; spirals is the README's loop) in its own process
+(`dense_output.py --section KIND --train-steps N --rounds 1 --ks 2`, float32): Adam
+steps in lock-step with Diffrax's defaults, time per Adam step (median) and its median
+per-step ratio to Diffrax, accepted steps initial -> final, final loss by the row's own
+solve and by a tight Diffrax solve. Its rows "malijax defaults", "Reversible(Tsit5()) +
+MALI()" and "Tsit5() + ACA()" are candidates G, B and F: the summary shows their README
+loop time per step. Recommendation: among the candidates meeting every requirement, the
+one with the lowest README-loop time per Adam step (times within 10% are ties, broken by
+the smaller worst-case scaled error) when training rows exist; otherwise, among those
+whose total NFE is within 1.25x of the fewest, the smallest worst-case scaled error. The
+conclusion also says whether it meets <= 1.0x Diffrax per Adam step.
+
+    nice -n 5 .venv/bin/python benchmarks/defaults.py --train     # the full report
+    nice -n 5 .venv/bin/python benchmarks/defaults.py             # no training loops
     nice -n 5 .venv/bin/python benchmarks/defaults.py --only B,C  # some candidates only
 
 or split into shorter runs and merge their saved parts into one report:
 
     .venv/bin/python benchmarks/defaults.py --only A,B,C --save /tmp/abc.json --out /tmp/abc.md
-    .venv/bin/python benchmarks/defaults.py --only D,E,F --save /tmp/def.json --out /tmp/def.md
-    .venv/bin/python benchmarks/defaults.py --merge /tmp/abc.json /tmp/def.json
+    .venv/bin/python benchmarks/defaults.py --only D,E,F,G --save /tmp/dg.json --out /tmp/dg.md
+    .venv/bin/python benchmarks/defaults.py --only B,F,G --problems none --no-memory --train \\
+        --save /tmp/train.json --out /tmp/train.md
+    .venv/bin/python benchmarks/defaults.py --merge /tmp/abc.json /tmp/dg.json /tmp/train.json
 
 Writes `benchmarks/results/defaults.md` (and prints it). Timings on a shared machine
 are only as good as its load: the load average is recorded.
@@ -87,7 +111,14 @@ CANDIDATES = {
     "D": ("Reversible(Bosh3())", "MALI()", lambda: (mj.Reversible(mj.Bosh3()), mj.MALI())),
     "E": ("ALF(eta=0.9)", "MALI()", lambda: (mj.ALF(eta=0.9), mj.MALI())),
     "F": ("Tsit5()", "ACA()", lambda: (mj.Tsit5(), mj.ACA())),
+    # no `solver`/`gradient` passed: what `mj.odeint` does by default at run time
+    "G": ("(default)", "(default)", lambda: (None, None)),
 }
+# the candidates timed by benchmarks/dense_output.py's training loops, by its row labels
+TRAIN_ROW_OF = {"G": "malijax defaults", "B": "Reversible(Tsit5()) + MALI()",
+                "F": "Tsit5() + ACA()"}
+TRAIN_KINDS = ("spirals", "latent")
+BIG_STATE, BIG_STEPS, BIG_KEY = 1_000_000, 4096, "big"  # the large-state memory column
 
 
 # --------------------------------------------------------------------------- problems
@@ -135,6 +166,34 @@ PROBLEMS = {
     "tanhnet": ("y' = -diag(1, 10) y + 0.5 W2 tanh(W1 y + b), 2→16→2, y0 = (1, 1), T = 2",
                 _tanhnet, [1.0, 1.0], _tanhnet_args(), 2.0),
 }
+
+
+def _resolved_solver(solver, y0):
+    """`solver`, or when None the solver `mj.odeint` resolves the default to for `y0`
+    (`default_solver(y0)` where it takes the state, else `default_solver()`), so that
+    the `Direct()` reference of candidate G runs the same solver."""
+    if solver is not None:
+        return solver
+    import inspect
+
+    from malijax._odeint import default_solver
+
+    try:
+        inspect.signature(default_solver).bind(y0)
+    except TypeError:
+        return default_solver()
+    return default_solver(y0)
+
+
+def _resolved_text(y0):
+    """What candidate G (no solver, no gradient) resolves to for `y0`, as text."""
+    try:
+        from malijax._odeint import _default_gradient
+
+        solver = _resolved_solver(None, y0)
+        return f"{solver!r} + {_default_gradient(solver)!r}".replace("solver=", "")
+    except Exception as e:  # noqa: BLE001 - private names moved: say so, do not fail
+        return "unknown (" + _describe_exc(e)[:60] + ")"
 
 
 def _jnp_field(field):
@@ -245,15 +304,20 @@ def run_ode_problem(name, keys):
             rows[key] = row
             continue
 
-        def loss(y0, args, gradient):
+        def loss(y0, args, solver, gradient):
             ys = mj.odeint(f, y0, ts, args, solver=solver, gradient=gradient, rtol=RTOL,
                            atol=ATOL, max_steps=MAX_STEPS, throw=False)
             return jnp.sum(ys[1:] ** 2)
 
+        if solver is None:
+            row["resolved"] = _resolved_text(y0)
         try:
-            grad = jax.jit(jax.grad(lambda y0, a: loss(y0, a, gradient), argnums=(0, 1)))
+            ref_solver = _resolved_solver(solver, y0)  # Direct() through the same solver
+            grad = jax.jit(jax.grad(lambda y0, a: loss(y0, a, solver, gradient),
+                                    argnums=(0, 1)))
             g, msgs = _run_caught(grad, y0, args)
-            g_ref = jax.jit(jax.grad(lambda y0, a: loss(y0, a, mj.Direct()), argnums=(0, 1)))(y0, args)
+            g_ref = jax.jit(jax.grad(lambda y0, a: loss(y0, a, ref_solver, mj.Direct()),
+                                     argnums=(0, 1)))(y0, args)
             row["grad_rel"] = _rel_diff(g, g_ref)
             row["warn"] = _short_warning(msgs)
             row["grad_ms"] = 1e3 * _time(grad, y0, args)
@@ -310,15 +374,20 @@ def run_cnf(keys):
             rows[key] = row
             continue
 
-        def loss(vf, xs, gradient):
+        def loss(vf, xs, solver, gradient):
             model = mj.nn.CNF(vf, 2, solver=solver, gradient=gradient, rtol=RTOL, atol=ATOL,
                               max_steps=MAX_STEPS, throw=False)
             return -jnp.mean(model.log_prob(xs))
 
+        state0 = (xs[0], jnp.zeros((), xs.dtype))  # one point's augmented state (vmapped)
+        if solver is None:
+            row["resolved"] = _resolved_text(state0)
         try:
-            grad = eqx.filter_jit(eqx.filter_grad(lambda p: loss(p[0], p[1], gradient)))
+            ref_solver = _resolved_solver(solver, state0)  # Direct() through the same solver
+            grad = eqx.filter_jit(eqx.filter_grad(lambda p: loss(p[0], p[1], solver, gradient)))
             g, msgs = _run_caught(grad, (vf, xs))
-            g_ref = eqx.filter_jit(eqx.filter_grad(lambda p: loss(p[0], p[1], mj.Direct())))((vf, xs))
+            g_ref = eqx.filter_jit(eqx.filter_grad(
+                lambda p: loss(p[0], p[1], ref_solver, mj.Direct())))((vf, xs))
             row["grad_rel"] = _rel_diff(g, g_ref)
             row["warn"] = _short_warning(msgs)
             row["grad_ms"] = 1e3 * _time(grad, (vf, xs))
@@ -331,29 +400,47 @@ def run_cnf(keys):
 
 
 # ---------------------------------------------------------------------------- memory
-def run_memory(keys):
+def run_memory(keys, sizes=(MEM_STATE, BIG_STATE)):
+    """Per candidate: gradient temp bytes for the MEM_STATE-float state at each of
+    MEM_STEPS (and its forward's steps), and for the BIG_STATE-float state at max_steps
+    BIG_STEPS (row[BIG_KEY]; compiled only, never run). `sizes` picks which."""
     y0 = jnp.ones(MEM_STATE, jnp.float64)
     ts = jnp.linspace(0.0, 1.0, NUM_OUT)
 
     def f(t, y, args):
         return -y + 0.1 * jnp.sin(y)
 
+    def temp_bytes(y0, solver, gradient, m):
+        def loss(y0):
+            ys = mj.odeint(f, y0, ts, solver=solver, gradient=gradient, rtol=RTOL,
+                           atol=ATOL, max_steps=m, throw=False)
+            return jnp.sum(ys[1:] ** 2)
+
+        try:
+            compiled = jax.jit(jax.grad(loss)).lower(y0).compile()
+            return compiled.memory_analysis().temp_size_in_bytes
+        except Exception as e:  # noqa: BLE001
+            return "EXC " + _describe_exc(e)
+
     rows = {}
     for key in keys:
         _, _, make = CANDIDATES[key]
         solver, gradient = make()
         row = {}
+        if BIG_STATE in sizes:
+            big = jnp.ones(BIG_STATE, jnp.float64)
+            row[BIG_KEY] = temp_bytes(big, solver, gradient, BIG_STEPS)
+            if solver is None:
+                row["resolved_big"] = _resolved_text(big)
+            del big
+        if MEM_STATE not in sizes:
+            rows[key] = row
+            print(f"  memory {key}: {row}", flush=True)
+            continue
+        if solver is None:
+            row["resolved"] = _resolved_text(y0)
         for m in MEM_STEPS:
-            def loss(y0, m=m):
-                ys = mj.odeint(f, y0, ts, solver=solver, gradient=gradient, rtol=RTOL,
-                               atol=ATOL, max_steps=m, throw=False)
-                return jnp.sum(ys[1:] ** 2)
-
-            try:
-                compiled = jax.jit(jax.grad(loss)).lower(y0).compile()
-                row[m] = compiled.memory_analysis().temp_size_in_bytes
-            except Exception as e:  # noqa: BLE001
-                row[m] = "EXC " + _describe_exc(e)
+            row[m] = temp_bytes(y0, solver, gradient, m)
         try:
             sol = jax.jit(lambda y0: mj.solve(f, y0, ts, solver=solver, gradient=gradient,
                                               rtol=RTOL, atol=ATOL, max_steps=MEM_STEPS[0],
@@ -365,6 +452,101 @@ def run_memory(keys):
         rows[key] = row
         print(f"  memory {key}: {row}", flush=True)
     return rows
+
+
+# -------------------------------------------------------------------------- training
+DENSE = pathlib.Path(__file__).resolve().with_name("dense_output.py")
+
+
+def run_training(kinds, steps, rows=None):
+    """Run benchmarks/dense_output.py's training section for each kind in its own
+    process (float32; it sets that itself) and return {kind: its RESULT json}."""
+    import json
+    import subprocess
+
+    out = {}
+    for kind in kinds:
+        cmd = [sys.executable, str(DENSE), "--section", kind, "--train-steps", str(steps),
+               "--rounds", "1", "--ks", "2"] + (["--rows", rows] if rows else [])
+        print(f"  training {kind}: {' '.join(cmd[1:])}", flush=True)
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=sys.stderr, text=True,
+                                cwd=DENSE.parents[1])
+        result = None
+        for line in proc.stdout:
+            if line.startswith("RESULT "):
+                result = json.loads(line[len("RESULT "):])
+            else:
+                print("    " + line, end="", flush=True)
+        proc.wait()
+        if result is None:
+            result = dict(error=f"dense_output.py --section {kind} exited with "
+                                f"{proc.returncode} and no RESULT line")
+        result["seconds"] = time.perf_counter() - t0
+        out[kind] = result
+    return out
+
+
+def _train_row(train, kind, key):
+    """The training row of candidate `key` in section `kind`, if it ran and was timed."""
+    label = TRAIN_ROW_OF.get(key)
+    rows = train.get(kind, {}).get("rows", [])
+    r = next((r for r in rows if r.get("label") == label), None)
+    return r if r is not None and r.get("step_ms") is not None else None
+
+
+def _train_cell(train, key):
+    r = _train_row(train, "spirals", key)
+    if r is None:
+        return "-"
+    ratio = r.get("ratio")
+    return f"{r['step_ms']:.2f}" + (f" ({ratio:.2f}×)" if ratio is not None else "")
+
+
+def _report_training(train, w):
+    w("## Training loops (time per Adam step at equal loss)")
+    w("")
+    w("From `benchmarks/dense_output.py --section KIND` (each kind in its own process, "
+      "float32, optax Adam lr 1e-2, MLP field 2 → 64 → 64 → 2 (tanh), rtol 1e-3, atol 1e-6, "
+      "one init shared by all rows, the rows stepped in lock-step). `ms / step`: median Adam "
+      "step (forward + gradient + update) after the compile; `× Diffrax`: median over steps of "
+      "the per-step ratio to Diffrax's defaults (`Tsit5` + `RecursiveCheckpointAdjoint`); "
+      "`steps`: the solver's accepted steps (summed over trajectories under vmap) at the "
+      "initial → final parameters; `final loss`: by the row's own solve; `tight`: the final "
+      "parameters evaluated by Diffrax Tsit5 at rtol 1e-6, atol 1e-8 (equal loss: the rows "
+      "trained as well). Candidates: G = `malijax defaults`, B = `Reversible(Tsit5()) + "
+      "MALI()`, F = `Tsit5() + ACA()`.")
+    titles = {"spirals": "README loop: 64 spirals as one (64, 2) state",
+              "latent": "latent-ODE-style: per-trajectory irregular times under jax.vmap"}
+    for kind in sorted(train, key=lambda k: TRAIN_KINDS.index(k) if k in TRAIN_KINDS else 99):
+        res = train[kind]
+        w("")
+        w(f"### {kind}: {titles.get(kind, kind)}")
+        w("")
+        if "rows" not in res:
+            w(f"**failed**: {res.get('error', 'no result')}")
+            continue
+        w(f"{res.get('desc', '')}; {res.get('train_steps')} Adam steps; "
+          f"{res.get('seconds', 0) / 60:.1f} min in its own process."
+          + (f" `malijax defaults` resolved to `{res['defaults']}`." if res.get("defaults")
+             else ""))
+        w("")
+        w("| row | ms / step | × Diffrax | steps init → final | final loss | final loss "
+          "(tight) | errors |")
+        w("|---|---|---|---|---|---|---|")
+        for r in res["rows"]:
+            cand = next((k for k, lab in TRAIN_ROW_OF.items() if lab == r.get("label")), None)
+            label = r.get("label", "?") + (f" ({cand})" if cand else "")
+            err = r.get("error", "").replace("|", "/")
+            if r.get("recon_warned"):
+                err = (err + "; " if err else "") + (
+                    f"ReconstructionWarning at {r['recon_warned']} steps "
+                    f"(worst {r['recon_max']:.1e})")
+            w(f"| {label} | {_g(r.get('step_ms'))} | {_g(r.get('ratio'))} | "
+              f"{r.get('init_steps', '-')} → {r.get('final_steps', '-')} | "
+              f"{_g(r.get('final_loss'), 3)} | {_g(r.get('final_loss_tight'), 3)} | "
+              f"{err or 'none'} |")
+    w("")
 
 
 # ---------------------------------------------------------------------------- report
@@ -398,8 +580,9 @@ def _mib(b):
     return f"{b / 2**20:.2f}" if isinstance(b, int) else str(b)
 
 
-def report(results, mem, keys, elapsed, load0, load1, argv, fingerprint=None):
+def report(results, mem, keys, elapsed, load0, load1, argv, fingerprint=None, train=None):
     names = list(results)
+    train = train or {}
     lines = []
     w = lines.append
     w("# Choosing the default solver and gradient of `mj.odeint`")
@@ -424,9 +607,9 @@ def report(results, mem, keys, elapsed, load0, load1, argv, fingerprint=None):
     w("## Summary")
     w("")
     w("| | solver | gradient | accurate (of %d) | gradient ≤ 1e-8 (of %d) | reconstruction "
-      "warnings | memory ratio | total NFE | total grad ms | geo-mean scaled err | meets every "
-      "requirement |" % (len(names), len(names)))
-    w("|---|---|---|---|---|---|---|---|---|---|---|")
+      "warnings | memory ratio | total NFE | total grad ms | geo-mean scaled err | README loop "
+      "ms/step (× Diffrax) | meets every requirement |" % (len(names), len(names)))
+    w("|---|---|---|---|---|---|---|---|---|---|---|---|")
     summary = {}
     for key in keys:
         sname, gname, _ = CANDIDATES[key]
@@ -438,7 +621,7 @@ def report(results, mem, keys, elapsed, load0, load1, argv, fingerprint=None):
         total = sum(times) if all(t is not None for t in times) else math.inf
         errs = [results[n].get(key, {}).get("err", math.inf) for n in names]
         geo = (math.exp(statistics.fmean(math.log(max(e, 1e-300)) for e in errs))
-               if all(math.isfinite(e) for e in errs) else math.inf)
+               if errs and all(math.isfinite(e) for e in errs) else math.inf)
         nfes = [results[n].get(key, {}).get("fevals") for n in names]
         nfe = sum(nfes) if all(x is not None for x in nfes) else math.inf
         ok = len(acc) == len(names) and len(grd) == len(names) and ratio <= MEM_REQ
@@ -449,13 +632,26 @@ def report(results, mem, keys, elapsed, load0, load1, argv, fingerprint=None):
           + (f" (fails: {', '.join(miss_a)})" if miss_a else "")
           + f" | {len(grd)}" + (f" (fails: {', '.join(miss_g)})" if miss_g else "")
           + f" | {', '.join(warns) if warns else 'none'} | {_g(ratio)} | {nfe} | {_g(total)} | "
-          f"{_g(geo)} | {'**yes**' if ok else 'no'} |")
+          f"{_g(geo)} | {_train_cell(train, key)} | {'**yes**' if ok else 'no'} |")
     w("")
+    if "G" in keys:  # what "(default)" meant in this run, per state
+        seen = [f"{n}: `{results[n]['G']['resolved']}`" for n in names
+                if results[n].get("G", {}).get("resolved")]
+        g_mem = mem.get("G", {})
+        if g_mem.get("resolved"):
+            seen.append(f"memory ({MEM_STATE:,} floats): `{g_mem['resolved']}`")
+        if g_mem.get("resolved_big"):
+            seen.append(f"memory ({BIG_STATE:,} floats): `{g_mem['resolved_big']}`")
+        seen += [f"training {k}: `{v['defaults']}`" for k, v in train.items()
+                 if v.get("defaults")]
+        if seen:
+            w("G (no `solver` / `gradient` passed) resolved to: " + "; ".join(seen) + ".")
+            w("")
     # ---- conclusion
     w("## Conclusion")
     w("")
     passing = [k for k in keys if summary[k]["ok"]]
-    if passing:
+    if passing and names:
         cheapest = min(passing, key=lambda k: summary[k]["total"])
         fewest = min(passing, key=lambda k: summary[k]["nfe"])
         accurate = min(passing, key=lambda k: summary[k]["geo"])
@@ -468,22 +664,66 @@ def report(results, mem, keys, elapsed, load0, load1, argv, fingerprint=None):
           "Wall times of these millisecond solves on a loaded, shared 2-core machine vary by "
           "2-3x between runs: read time differences below that as ties.")
         worst_err = {k: max(results[n][k]["err"] for n in names) for k in passing}
-        min_nfe = min(summary[k]["nfe"] for k in passing)
-        affordable = [k for k in passing if summary[k]["nfe"] <= 1.25 * min_nfe]
-        rec = min(affordable, key=lambda k: worst_err[k])
+        trained = {k: _train_row(train, "spirals", k) for k in passing}
+        trained = {k: r for k, r in trained.items() if r is not None}
         w("")
-        w(f"**Recommended default: {rec}** (`{CANDIDATES[rec][0]}` + `{CANDIDATES[rec][1]}`), "
-          "by the rule: among the candidates meeting every requirement whose total NFE is "
-          "within 1.25x of the fewest, the one with the smallest worst-case scaled error (the "
-          f"widest margin to the requirement of {ERR_REQ:g}): {_g(worst_err[rec])}, against "
-          + ", ".join(f"{k} {_g(worst_err[k])}" for k in passing if k != rec) + ".")
+        if trained:
+            fastest = min(r["step_ms"] for r in trained.values())
+            ties = [k for k, r in trained.items() if r["step_ms"] <= 1.1 * fastest]
+            rec = min(ties, key=lambda k: worst_err[k])
+            untimed = [k for k in passing if k not in trained]
+            w(f"**Recommended default: {rec}** (`{CANDIDATES[rec][0]}` + "
+              f"`{CANDIDATES[rec][1]}`), by the rule: among the candidates meeting every "
+              "requirement, the one with the lowest time per Adam step in the README training "
+              "loop (median ms per step, lock-step with the others), times within 10% of the "
+              "lowest counted as ties and broken by the smallest worst-case scaled error. "
+              "README loop ms/step: "
+              + ", ".join(f"{k} {_g(r['step_ms'])}" for k, r in trained.items())
+              + f" (ties: {', '.join(ties)}); worst-case scaled error: "
+              + ", ".join(f"{k} {_g(worst_err[k])}" for k in trained) + "."
+              + (f" Not timed in the training loops, so not considered by this rule: "
+                 f"{', '.join(untimed)}." if untimed else ""))
+        else:
+            min_nfe = min(summary[k]["nfe"] for k in passing)
+            affordable = [k for k in passing if summary[k]["nfe"] <= 1.25 * min_nfe]
+            rec = min(affordable, key=lambda k: worst_err[k])
+            w(f"**Recommended default: {rec}** (`{CANDIDATES[rec][0]}` + "
+              f"`{CANDIDATES[rec][1]}`), by the rule (no training-loop rows in this report): "
+              "among the candidates meeting every requirement whose total NFE is within 1.25x "
+              "of the fewest, the one with the smallest worst-case scaled error (the widest "
+              f"margin to the requirement of {ERR_REQ:g}): {_g(worst_err[rec])}, against "
+              + (", ".join(f"{k} {_g(worst_err[k])}" for k in passing if k != rec) or "none")
+              + ".")
+        w("")
+        verdicts = []  # (text, met) per training kind with a row for `rec`
+        for kind in TRAIN_KINDS:
+            r = _train_row(train, kind, rec)
+            if r is None:
+                continue
+            ratio = r.get("ratio")
+            if ratio is None:
+                verdicts.append((f"{kind}: no Diffrax ratio", False))
+            else:
+                met = ratio <= 1.0
+                verdicts.append((f"{kind} {_g(ratio)}× ({'met' if met else 'missed'})", met))
+        if verdicts:
+            w(f"Target ≤ 1.0× Diffrax per Adam step, for {rec}: "
+              + "; ".join(t for t, _ in verdicts) + ". "
+              + ("**Met**" + (" in every training loop measured." if len(verdicts) > 1 else ".")
+                 if all(m for _, m in verdicts) else "**Not met**."))
+        else:
+            w(f"Target ≤ 1.0× Diffrax per Adam step, for {rec}: not measured (no training row "
+              "for it; run with `--train`).")
         w("")
         for k in passing:
             worst = max(names, key=lambda n: results[n][k]["err"])
             w(f"- {k} (`{CANDIDATES[k][0]}` + `{CANDIDATES[k][1]}`): total grad "
               f"{_g(summary[k]['total'])} ms, total NFE {summary[k]['nfe']}, geo-mean scaled "
               f"error {_g(summary[k]['geo'])} (worst {_g(results[worst][k]['err'])} on {worst}), "
-              f"memory ratio {_g(summary[k]['ratio'])}.")
+              f"memory ratio {_g(summary[k]['ratio'])}, README loop ms/step (× Diffrax) "
+              f"{_train_cell(train, k)}.")
+    elif not names:
+        w("No problems in this report: no recommendation.")
     else:
         w("No candidate meets every requirement.")
     for k in keys:
@@ -536,24 +776,30 @@ def report(results, mem, keys, elapsed, load0, load1, argv, fingerprint=None):
               f"{r['fevals']} | {_g(r['err'])}{' ✓' if acc else ' ✗'} | {gcell} | "
               f"{r.get('warn', '') or ''} | {_g(r.get('grad_ms'))} |")
     w("")
+    # ---- training loops
+    if train:
+        _report_training(train, w)
     # ---- memory
     w("## Memory")
     w("")
     w(f"y' = -y + 0.1 sin(y), y0 = ones({MEM_STATE}) (float64, {MEM_STATE * 8 / 2**20:.2f} MiB "
       f"per state), T = 1, {NUM_OUT} outputs, default tolerances; `temp_size_in_bytes` of the "
       "compiled `jax.grad` of sum(ys[1:]**2), in MiB. Steps: accepted steps of the forward at "
-      f"max_steps {MEM_STEPS[0]}.")
+      f"max_steps {MEM_STEPS[0]}. `MiB at 10⁶ floats`: the same field and loss for y0 = "
+      f"ones({BIG_STATE:,}) (float64, {BIG_STATE * 8 / 2**20:.2f} MiB per state) at max_steps "
+      f"{BIG_STEPS}, compiled only (not run): what a state-sized record per possible step "
+      "costs at a large state.")
     w("")
     w(f"| | solver + gradient | steps | MiB at max_steps {MEM_STEPS[0]} | MiB at {MEM_STEPS[1]} | "
-      f"ratio (≤ {MEM_REQ:g}) |")
-    w("|---|---|---|---|---|---|")
+      f"ratio (≤ {MEM_REQ:g}) | MiB at 10⁶ floats |")
+    w("|---|---|---|---|---|---|---|")
     for key in keys:
         r = mem.get(key, {})
         sname, gname, _ = CANDIDATES[key]
         ratio = _mem_ratio(r)
         w(f"| {key} | `{sname}` + `{gname}` | {r.get('steps', '—')} ({r.get('result', '')}) | "
           f"{_mib(r.get(MEM_STEPS[0]))} | {_mib(r.get(MEM_STEPS[1]))} | {_g(ratio)}"
-          f"{' ✓' if ratio <= MEM_REQ else ' ✗'} |")
+          f"{' ✓' if ratio <= MEM_REQ else ' ✗'} | {_mib(r.get(BIG_KEY, '—'))} |")
     w("")
     try:  # what the sizes are made of, from the library's own constants
         from malijax._gradient.mali import AUTO_MAX_SLOTS, segment_length
@@ -601,10 +847,12 @@ FINGERPRINT = _fingerprint()  # taken at import, i.e. of the code this process r
 
 
 def _load(paths):
-    """Merge the parts saved by `--save` (later files win per (problem, candidate))."""
+    """Merge the parts saved by `--save` (later files win per (problem, candidate), per
+    (candidate, memory entry) and per training kind)."""
     import json
 
     results, mem, keys, elapsed, loads, argvs, prints = {}, {}, [], 0.0, [], [], set()
+    train = {}
     for path in paths:
         part = json.loads(pathlib.Path(path).read_text())
         argvs.append(part.get("argv", "?"))
@@ -613,7 +861,9 @@ def _load(paths):
         for p, rows in part["results"].items():
             results.setdefault(p, {}).update(rows)
         for k, row in part["mem"].items():
-            mem[k] = {(int(m) if m.isdigit() else m): v for m, v in row.items()}
+            mem.setdefault(k, {}).update(
+                {(int(m) if m.isdigit() else m): v for m, v in row.items()})
+        train.update(part.get("train", {}))
         keys += [k for k in part["keys"] if k not in keys]
         elapsed += part["elapsed"]
         loads += part["loads"]
@@ -621,7 +871,8 @@ def _load(paths):
     results = {p: results[p] for p in sorted(results, key=order.index)}
     if len(prints) > 1:
         raise SystemExit(f"the parts measured different malijax sources: {sorted(prints)}")
-    return results, mem, sorted(keys), elapsed, min(loads), max(loads), argvs, fingerprint
+    return (results, mem, sorted(keys), elapsed, min(loads), max(loads), argvs, fingerprint,
+            train)
 
 
 def main():
@@ -629,8 +880,17 @@ def main():
     parser.add_argument("--only", default=",".join(CANDIDATES),
                         help="comma-separated candidate letters (default: all)")
     parser.add_argument("--problems", default=",".join([*PROBLEMS, "cnf"]),
-                        help="comma-separated problem names (default: all)")
+                        help="comma-separated problem names (default: all; 'none': none, e.g. "
+                             "for a part with the training loops only)")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory section")
+    parser.add_argument("--train", action="store_true",
+                        help="also time the training loops of benchmarks/dense_output.py "
+                             "(time per Adam step against Diffrax), one process per kind")
+    parser.add_argument("--train-steps", type=int, default=200, help="Adam steps (default 200)")
+    parser.add_argument("--train-kinds", default=",".join(TRAIN_KINDS),
+                        help="comma-separated training loops: spirals (the README's), latent")
+    parser.add_argument("--train-rows", default=None,
+                        help="passed to dense_output.py --rows (default: all its rows)")
     parser.add_argument("--save", help="also save the raw results as JSON here (for --merge)")
     parser.add_argument("--merge", nargs="+", metavar="JSON",
                         help="measure nothing: write the report from parts saved with --save "
@@ -639,14 +899,18 @@ def main():
     a = parser.parse_args()
     argv = " ".join(["nice -n 5 .venv/bin/python", *(["benchmarks/defaults.py"] + sys.argv[1:])])
     if a.merge:
-        results, mem, keys, elapsed, load0, load1, argvs, fingerprint = _load(a.merge)
+        results, mem, keys, elapsed, load0, load1, argvs, fingerprint, train = _load(a.merge)
         argv = "` then `".join([*argvs, argv])
-        text = report(results, mem, keys, elapsed, load0, load1, argv, fingerprint)
+        text = report(results, mem, keys, elapsed, load0, load1, argv, fingerprint, train)
         pathlib.Path(a.out).write_text(text + "\n")
         print(text)
         return
     keys = [k.strip() for k in a.only.split(",") if k.strip()]
-    probs = [p.strip() for p in a.problems.split(",") if p.strip()]
+    probs = [p.strip() for p in a.problems.split(",") if p.strip() not in ("", "none")]
+    kinds = [k.strip() for k in a.train_kinds.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in TRAIN_KINDS]
+    if bad:
+        raise SystemExit(f"--train-kinds: unknown {bad}; known: {', '.join(TRAIN_KINDS)}")
     load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
     results = {}
@@ -657,16 +921,21 @@ def main():
     if not a.no_memory:
         print(f"[{time.perf_counter() - t0:6.0f} s] memory", flush=True)
         mem = run_memory(keys)
+    train = {}
+    if a.train:
+        print(f"[{time.perf_counter() - t0:6.0f} s] training loops", flush=True)
+        train = run_training(kinds, a.train_steps, a.train_rows)
     elapsed = time.perf_counter() - t0
     load1 = os.getloadavg()[0]
     if a.save:
         import json
 
-        part = dict(results=results, mem={k: {str(m): v for m, v in r.items()} for k, r in mem.items()},
+        part = dict(results=results,
+                    mem={k: {str(m): v for m, v in r.items()} for k, r in mem.items()},
                     keys=keys, elapsed=elapsed, loads=[load0, load1], argv=argv,
-                    fingerprint=FINGERPRINT)
+                    fingerprint=FINGERPRINT, train=train)
         pathlib.Path(a.save).write_text(json.dumps(part))
-    text = report(results, mem, keys, elapsed, load0, load1, argv)
+    text = report(results, mem, keys, elapsed, load0, load1, argv, train=train)
     pathlib.Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     pathlib.Path(a.out).write_text(text + "\n")
     print(text)

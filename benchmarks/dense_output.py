@@ -31,15 +31,22 @@ behaviour, a step landing on every output time. This script measures what that b
       observation times (0 then 99 uniform in [0, 5]), of which a random 60-100 are
       valid and the rest padded by repeating the last valid time; solved by `jax.vmap`
       over trajectories (per-example `ts`); loss: masked MSE.
-   Rows: malijax defaults, malijax defaults with `land_on_outputs=True` ("before"),
-   `Tsit5` + `ACA`, Diffrax defaults (`Tsit5` + `RecursiveCheckpointAdjoint`,
-   `PIDController(1e-3, 1e-6)`).
+   Rows: "malijax defaults" (no `solver` / `gradient` passed: whatever the library's
+   defaults resolve to at run time for this state; the report names them),
+   `Reversible(Tsit5())` + `MALI()` explicitly, the same with `land_on_outputs=True`
+   ("before dense output"), `Tsit5()` + `ACA()` explicitly, and Diffrax's defaults
+   (`Tsit5` + `RecursiveCheckpointAdjoint`, `PIDController(1e-3, 1e-6)`). `--rows`
+   picks a subset by label (the Diffrax row, the ratios' reference, always runs).
 
 Each section runs in its own subprocess (float64 for 1, float32 for 2), which prints
 its rows as JSON; the parent writes `results/dense_output.md` (and `.csv` for part 1).
 
     python benchmarks/dense_output.py            # full run, ~8 min on 2 busy CPU cores
     python benchmarks/dense_output.py --quick    # ~4 min: K in {2, 200}, 7 rounds, 30 Adam steps
+    python benchmarks/dense_output.py --only spirals --rows "malijax defaults,ACA"
+    python benchmarks/dense_output.py --section spirals --train-steps 200 --rounds 1 --ks 2
+                                   # one section in this process: prints `RESULT {json}`
+                                   # (benchmarks/defaults.py --train runs it so)
 """
 
 import argparse
@@ -264,6 +271,50 @@ def section_steps(opts):
 
 A_SPIRAL = [[-0.1, 2.0], [-2.0, -0.1]]
 
+# the training rows' labels (benchmarks/defaults.py matches them to its candidates)
+DEFAULTS_ROW = "malijax defaults"
+REV_ROW = "Reversible(Tsit5()) + MALI()"
+REV_LAND_ROW = "Reversible(Tsit5()) + MALI(), land_on_outputs=True (before dense output)"
+ACA_ROW = "Tsit5() + ACA()"
+DIFFRAX_ROW = "Diffrax Tsit5 + RecursiveCheckpointAdjoint"
+TRAIN_ROWS = (DEFAULTS_ROW, REV_ROW, REV_LAND_ROW, ACA_ROW, DIFFRAX_ROW)
+
+
+def select_rows(labels, spec):
+    """The labels chosen by `spec`, comma-separated items (None or "": all). An item
+    equal to a label picks that label alone, otherwise every label containing it
+    (case-insensitive). The Diffrax row is always kept: the ratios are to it."""
+    if not spec:
+        return list(labels)
+    chosen = set()
+    for item in (x.strip() for x in spec.split(",")):
+        if not item:
+            continue
+        hits = [lab for lab in labels if lab == item] or [
+            lab for lab in labels if item.lower() in lab.lower()]
+        if not hits:
+            raise SystemExit(f"--rows: {item!r} matches none of {list(labels)}")
+        chosen.update(hits)
+    return [lab for lab in labels if lab in chosen or lab == DIFFRAX_ROW]
+
+
+def _resolved_defaults(y0):
+    """What `odeint` without `solver`/`gradient` resolves to for this `y0` (text)."""
+    try:
+        import inspect
+
+        from malijax import _odeint
+
+        try:
+            inspect.signature(_odeint.default_solver).bind(y0)
+            solver = _odeint.default_solver(y0)
+        except TypeError:
+            solver = _odeint.default_solver()
+        gradient = _odeint._default_gradient(solver)
+        return f"{solver!r} + {gradient!r}".replace("solver=", "")
+    except Exception as e:  # noqa: BLE001 - private names moved: say so, do not fail
+        return f"unknown ({_err_text(e)})"
+
 
 def section_train(opts, kind):
     import jax
@@ -364,20 +415,22 @@ def section_train(opts, kind):
     def mse(pred):
         return jnp.sum(mask * (pred - data) ** 2) / (2 * jnp.sum(mask))
 
-    default = dict(solver=mj.Reversible(mj.Tsit5()), gradient=mj.MALI())
-    rows_spec = [
-        ("malijax defaults", lambda p: mj_pred(p, **default), lambda p: mj_steps(p, **default)),
-        ("malijax defaults, land_on_outputs=True (before)",
-         lambda p: mj_pred(p, land_on_outputs=True, **default),
-         lambda p: mj_steps(p, land_on_outputs=True, **default)),
-        ("Tsit5 + ACA", lambda p: mj_pred(p, solver=mj.Tsit5(), gradient=mj.ACA()),
-         lambda p: mj_steps(p, solver=mj.Tsit5(), gradient=mj.ACA())),
+    rev = dict(solver=mj.Reversible(mj.Tsit5()), gradient=mj.MALI())
+    aca = dict(solver=mj.Tsit5(), gradient=mj.ACA())
+    rows_spec = [  # "malijax defaults": no solver/gradient, whatever they resolve to now
+        (DEFAULTS_ROW, mj_pred, mj_steps),
+        (REV_ROW, lambda p: mj_pred(p, **rev), lambda p: mj_steps(p, **rev)),
+        (REV_LAND_ROW, lambda p: mj_pred(p, land_on_outputs=True, **rev),
+         lambda p: mj_steps(p, land_on_outputs=True, **rev)),
+        (ACA_ROW, lambda p: mj_pred(p, **aca), lambda p: mj_steps(p, **aca)),
     ]
     if diffrax is not None:
-        rows_spec.append(("Diffrax Tsit5 + RecursiveCheckpointAdjoint", dfx_pred, dfx_steps))
+        rows_spec.append((DIFFRAX_ROW, dfx_pred, dfx_steps))
         tight = jax.jit(lambda p: mse(dfx_pred(p, rtol=1e-6, atol=1e-8)))
     else:  # pragma: no cover
         tight = None
+    rows_spec = [r for r in rows_spec if r[0] in select_rows([r[0] for r in rows_spec], opts.rows)]
+    resolved = _resolved_defaults(y0s[0] if kind == "latent" else y0s)
 
     opt = optax.adam(1e-2)
     rows, state = [], {}
@@ -457,7 +510,7 @@ def section_train(opts, kind):
             st = state.get(row["label"])
             if st is not None and "step_ms" in row:
                 row["ratio"] = statistics.median(a / d for a, d in zip(st[3], state[ref["label"]][3]))
-    return dict(rows=rows, desc=desc, train_steps=opts.train_steps)
+    return dict(rows=rows, desc=desc, train_steps=opts.train_steps, defaults=resolved)
 
 
 # ==================================================================== the parent
@@ -615,7 +668,9 @@ def report_train(res, title, lines):
         "`final loss`: by the row's own solve; `tight`: the final parameters evaluated by "
         "Diffrax Tsit5 at rtol 1e-6, atol 1e-8; `ReconstructionWarning`: Adam steps whose "
         "gradient raised MALI's warning (inexact reconstruction), and the worst relative error "
-        "it reported.",
+        "it reported."
+        + (f" `{DEFAULTS_ROW}`: no `solver`/`gradient` passed; here they resolved to "
+           f"`{res['defaults']}`." if res.get("defaults") else ""),
         "",
         "| row | compile s | ms / step | spread | × Diffrax | steps init → final | initial loss | "
         "final loss | final loss (tight) | ReconstructionWarning |",
@@ -649,6 +704,8 @@ def _git_rev():
 def run_section(name, opts):
     cmd = [sys.executable, str(HERE), "--section", name, "--rounds", str(opts.rounds),
            "--train-steps", str(opts.train_steps), "--ks", ",".join(map(str, opts.ks))]
+    if opts.rows:
+        cmd += ["--rows", opts.rows]
     print(f"== section {name}: {' '.join(cmd[1:])}", flush=True)
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=sys.stderr, text=True, cwd=ROOT)
@@ -674,6 +731,10 @@ def main():
     parser.add_argument("--ks", default=None, help="comma-separated numbers of outputs K")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (part 1)")
     parser.add_argument("--train-steps", type=int, default=None, help="Adam steps (part 2)")
+    parser.add_argument("--rows", default=None,
+                        help="training rows (part 2) to run, comma-separated: an exact label or "
+                             "substrings of labels, case-insensitive (default: all; the Diffrax "
+                             "row always runs). Labels: " + "; ".join(TRAIN_ROWS))
     parser.add_argument("--out", default=None, help="Markdown output path")
     opts = parser.parse_args()
     opts.ks = [int(k) for k in opts.ks.split(",")] if opts.ks else ([2, 200] if opts.quick else [2, 20, 200, 1000])
