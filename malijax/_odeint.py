@@ -187,7 +187,7 @@ def solve(
     `SaveAt(dense=True)`), with gradients through them for every strategy but the
     `Adjoint`. Memory: `(P + 1)` states per step, `P` the interpolant's degree (5 for
     Tsit5), in buffers sized by `max_steps` under adaptive stepping (by the grid's
-    steps on a `num_steps` grid), like the per-step records of `ACA`.
+    steps on a `num_steps` grid).
     """
     return run(
         func, y0, ts, args, solver=solver, gradient=gradient, rtol=rtol, atol=atol,
@@ -303,7 +303,9 @@ def odeint(
     - `num_steps`: a static int; every output interval is split into this many equal
       steps, run as a `lax.scan` (the cheapest, most predictable grid).
     - `max_steps`: a static bound on accepted plus rejected steps of the while loop
-      (adaptive and `step_size` solves). It sizes the buffers strategies record into.
+      (adaptive and `step_size` solves). It sizes no per-step record of a gradient
+      strategy (those are a fixed number of slots, `malijax._records`), only
+      `solve(..., dense=True)`'s interpolants.
     - `land_on_outputs`: if `True`, clip a step onto every output time instead of
       interpolating (outputs on step boundaries; more steps when outputs are dense).
     - `throw`: if `True` (default) a failed solve raises an error that says what

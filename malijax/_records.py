@@ -57,6 +57,7 @@ slots never replay.
 import math
 
 import equinox as eqx
+import equinox.internal as eqxi
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
@@ -140,25 +141,37 @@ class Records(eqx.Module):
         steps, rows, spacing = slots
         if not self.states:  # step 0 in slot 0, the others in a ring
             slot = jnp.where(k == 0, 0, 1 + (k - 1) % (self.num_slots - 1))
-            steps = steps.at[slot].set(jnp.where(took, k, steps[slot]))
-            return steps, write(rows, slot, row, took), spacing
+            return set_step(steps, slot, k, took), write(rows, slot, row, took), spacing
+        # `spacing` is a power of two: `n & (spacing - 1)` is `n % spacing` for n >= 0,
+        # without an integer division per slot (which made storing cost 10x the step).
         ours = steps[: self.forward_slots]
-        full = jnp.all((ours >= 0) & (ours % spacing == 0))
-        due = took & (k % spacing == 0)
+        full = jnp.all((ours >= 0) & ((ours & (spacing - 1)) == 0))
+        due = took & ((k & (spacing - 1)) == 0)
         spacing = jnp.where(due & full, 2 * spacing, spacing)
-        due = due & (k % spacing == 0)
-        slot = jnp.argmax((ours < 0) | (ours % spacing != 0))  # free, or freed by thinning
-        steps = steps.at[slot].set(jnp.where(due, k, steps[slot]))
-        return steps, write(rows, slot, row, due), spacing
+        due = due & ((k & (spacing - 1)) == 0)
+        slot = jnp.argmax((ours < 0) | ((ours & (spacing - 1)) != 0))  # free, or freed
+        return set_step(steps, slot, k, due), write(rows, slot, row, due), spacing
 
 
 def lookup(slots, k):
     """The row of step `k` (which must be stored)."""
     steps, rows = slots[:2]
-    index = jnp.argmax(steps == k)
-    return jtu.tree_map(lambda b: b[index], rows)
+    index = jnp.argmax(steps[...] == k)
+    return jtu.tree_map(lambda b: b[index], rows, is_leaf=_is_buffer)
+
+
+# Inside an Equinox while loop, slots declared as its buffers (written in place, never
+# selected whole under `vmap`) are `_Buffer` pytrees: read with `[]`, written with
+# `eqxi.buffer_at_set`, which takes plain arrays too.
+def _is_buffer(x):
+    return type(x).__name__ == "_Buffer"
+
+
+def set_step(steps, index, k, pred):
+    """`steps[index] = k` where `pred`."""
+    return eqxi.buffer_at_set(steps, index, k, pred=pred)
 
 
 def set_row(rows, index, row, pred):
-    """`rows[index] = row` where `pred`, outside an Equinox loop's buffers."""
-    return jtu.tree_map(lambda v, b: b.at[index].set(jnp.where(pred, v, b[index])), row, rows)
+    """`rows[index] = row` where `pred`."""
+    return jtu.tree_map(lambda v, b: eqxi.buffer_at_set(b, index, v, pred=pred), row, rows)

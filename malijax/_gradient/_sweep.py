@@ -161,18 +161,21 @@ def solve_with_custom_vjp(strategy, problem, config):
     return LoopOutput(ys, result, stats, None, None, t_target, dense=dense)
 
 
-def _forward(diff, config, strategy, derivatives=False):
+def _forward(diff, config, strategy, derivatives=False, record=True):
+    """The forward loop; with `record`, keeping what the strategy's sweep reads."""
     y0, func, args, ts = diff
-    restarts = strategy.restarts(config, ts.shape[0], y0)
+    restarts = strategy.restarts(config, ts.shape[0], y0) if record else None
     return integrate(
-        Problem(func, y0, ts, args), config, kind=config.while_kind(1), record=strategy.record,
-        restarts=restarts, derivatives=derivatives, slots=getattr(strategy, "slots", None),
+        Problem(func, y0, ts, args), config, kind=config.while_kind(1),
+        record=strategy.record if record else None, restarts=restarts,
+        derivatives=derivatives, slots=getattr(strategy, "slots", None),
     )
 
 
 @eqx.filter_custom_vjp
 def _solve(diff, config, strategy):
-    out = _forward(diff, config, strategy)
+    # Not differentiated: nothing to record (XLA does not remove a loop's dead records).
+    out = _forward(diff, config, strategy, record=False)
     return out.ys, out.result, out.stats, out.t_target, out.dense
 
 
@@ -385,16 +388,16 @@ class _Sweep:
             # Summing over a vmapped batch, the loop runs (unbatched condition) until
             # the element with the most steps is done; the others idle at step 0 with
             # a zero cotangent, so their share of the parameter totals is exactly zero,
-            # and keep their own carry.
+            # and keep their own carry. (Their records are unchanged: step 0 is stored.)
             active = k >= 0
             x1, ct_x1, *rest = inner
             ct_x1 = tree_where(active, ct_x1, tree_zeros_like(ct_x1))
             ct_coeffs, g_t_out, g_h_out = rest[5]
             rest[5] = (_zero_where(~active, ct_coeffs), g_t_out, g_h_out)
             new = self.step_back(jnp.maximum(k, 0), (x1, ct_x1, *rest))
-            kept = tree_where(active, new, inner)
+            kept = tree_where(active, new[:-1], inner[:-1])
             ct_params = (new[2], new[3])  # shared totals: not selected per element
-            return k - 1, (*kept[:2], *ct_params, *kept[4:])
+            return k - 1, (*kept[:2], *ct_params, *kept[4:], new[-1])
 
         def cond(c):
             return any_over_batch(c[0] >= 0) if summing() else c[0] >= 0
@@ -404,7 +407,11 @@ class _Sweep:
             _, carry = eqxi.while_loop(cond, while_body, init, max_steps=self.config.max_steps,
                                        kind="bounded")
         else:
-            _, carry = jax.lax.while_loop(cond, while_body, init)
+            # The records as buffers: written in place by replays, and under `vmap` not
+            # selected whole every iteration.
+            buffers = (lambda c: c[1][-1][:2]) if self.slotted else None
+            _, carry = eqxi.while_loop(cond, while_body, init, max_steps=self.config.max_steps,
+                                       kind="lax", buffers=buffers)
         return carry
 
     def finish(self, carry):
