@@ -85,6 +85,8 @@ import platform
 import statistics
 import sys
 import time
+
+import _child  # benchmarks/_child.py: the parts' processes
 import warnings
 
 import jax
@@ -461,8 +463,6 @@ DENSE = pathlib.Path(__file__).resolve().with_name("dense_output.py")
 def run_training(kinds, steps, rows=None):
     """Run benchmarks/dense_output.py's training section for each kind in its own
     process (float32; it sets that itself) and return {kind: its RESULT json}."""
-    import json
-    import subprocess
 
     out = {}
     for kind in kinds:
@@ -470,18 +470,10 @@ def run_training(kinds, steps, rows=None):
                "--rounds", "1", "--ks", "2"] + (["--rows", rows] if rows else [])
         print(f"  training {kind}: {' '.join(cmd[1:])}", flush=True)
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=sys.stderr, text=True,
-                                cwd=DENSE.parents[1])
-        result = None
-        for line in proc.stdout:
-            if line.startswith("RESULT "):
-                result = json.loads(line[len("RESULT "):])
-            else:
-                print("    " + line, end="", flush=True)
-        proc.wait()
+        result, code = _child.run(cmd, cwd=DENSE.parents[1], indent="    ")
         if result is None:
             result = dict(error=f"dense_output.py --section {kind} exited with "
-                                f"{proc.returncode} and no RESULT line")
+                                f"{code} and no RESULT line")
         result["seconds"] = time.perf_counter() - t0
         out[kind] = result
     return out
@@ -814,8 +806,9 @@ def report(results, mem, keys, elapsed, load0, load1, argv, fingerprint=None, tr
           f"max_steps, each a (y, z) pair, {AUTO_MAX_SLOTS} × 2 × {state:.3f} = "
           f"{AUTO_MAX_SLOTS * 2 * state:.1f} MiB, a fixed ~10x the undamped `ALF()`'s "
           f"footprint even for a 5-step solve. `ALF(eta=0.9)` (s = {s_alf}): {slots[0]} slots "
-          f"at {MEM_STEPS[0]}, {slots[1]} at {MEM_STEPS[1]}, hence its ratio. `ACA` keeps one "
-          "state per possible step: max_steps rows.")
+          f"at {MEM_STEPS[0]}, {slots[1]} at {MEM_STEPS[1]}, hence its ratio. `ACA` keeps its "
+          "checkpoints in a fixed number of slots (every step while they last, at least 8 "
+          "states within 64 MiB, `malijax/_records.py`), whatever max_steps is.")
         w("")
     except ImportError:  # pragma: no cover - private names moved
         pass

@@ -60,6 +60,8 @@ import statistics
 import subprocess
 import sys
 import time
+
+import _child  # benchmarks/_child.py: the parts' processes
 import traceback
 import warnings
 
@@ -708,17 +710,10 @@ def run_section(name, opts):
         cmd += ["--rows", opts.rows]
     print(f"== section {name}: {' '.join(cmd[1:])}", flush=True)
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=sys.stderr, text=True, cwd=ROOT)
-    result = None
-    for line in proc.stdout:
-        if line.startswith("RESULT "):
-            result = json.loads(line[len("RESULT "):])
-        else:
-            print(line, end="", flush=True)
-    proc.wait()
+    result, code = _child.run(cmd, cwd=ROOT)
     dt = time.perf_counter() - t0
     if result is None:
-        return dict(error=f"section subprocess exited with {proc.returncode} and no result"), dt
+        return dict(error=f"section subprocess exited with {code} and no result"), dt
     return result, dt
 
 
@@ -745,7 +740,7 @@ def main():
         fn = {"steps": section_steps,
               "spirals": lambda o: section_train(o, "spirals"),
               "latent": lambda o: section_train(o, "latent")}[opts.section]
-        print("RESULT " + json.dumps(fn(opts)), flush=True)
+        _child.report(fn(opts))
         return
 
     import jax

@@ -48,7 +48,6 @@ To measure another malijax (e.g. a worktree of a commit), put it first on the pa
 
 import argparse
 import datetime
-import json
 import os
 import pathlib
 import platform
@@ -57,6 +56,8 @@ import statistics
 import subprocess
 import sys
 import time
+
+import _child  # benchmarks/_child.py: the parts' processes
 
 import jax
 
@@ -600,22 +601,15 @@ def run_part(p, quick, rounds):
         mlp_part(256, 64 if quick else 256, rounds, body, targets)
     elif p == 4:
         adjoint_part(64 if quick else 256, [256, 4096], rounds, body, targets)
-    print("RESULT " + json.dumps(dict(body=body, targets=targets)), flush=True)
+    _child.report(dict(body=body, targets=targets))
 
 
 def spawn_part(p, quick, rounds):
     cmd = [sys.executable, str(HERE), "--_part", str(p), "--rounds", str(rounds)]
     cmd += (["--quick"] if quick else []) + (["--x64"] if p == 1 else [])
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=sys.stderr, text=True)
-    result = None
-    for line in proc.stdout:
-        if line.startswith("RESULT "):
-            result = json.loads(line[len("RESULT "):])
-        else:
-            print(line, end="", flush=True)
-    proc.wait()
+    result, code = _child.run(cmd)
     if result is None:
-        return dict(body=[f"**failed**: the part's process exited with {proc.returncode} "
+        return dict(body=[f"**failed**: the part's process exited with {code} "
                           "and no result (its stderr is in the console log).", ""], targets=[])
     return result
 
