@@ -110,7 +110,7 @@ class Restarts(eqx.Module):
         steps = jnp.full((self.num_slots,), -1, jnp.int32)
         return steps, _nan_buffer((self.num_slots,), state), jnp.asarray(self.spacing, jnp.int32)
 
-    def update(self, slots, k, state, took, write):
+    def update(self, slots, k, state, took):
         """Keep `state` (the input of step `k`, taken if `took`) if `k` is due."""
         steps, states, spacing = slots
         due = took & (k > 0) & (k % spacing == 0)
@@ -119,7 +119,8 @@ class Restarts(eqx.Module):
             spacing = jnp.where(due & full, 2 * spacing, spacing)
             due = due & (k % spacing == 0)
         slot = jnp.argmax((steps[...] < 0) | (steps[...] % spacing != 0))  # a free slot
-        return _records.set_step(steps, slot, k, due), write(states, slot, state, due), spacing
+        return (_records.set_step(steps, slot, k, due), _records.set_row(states, slot, state, due),
+                spacing)
 
 
 # A reversible solver's parasitic component has outgrown the solution when its RMS
@@ -138,9 +139,6 @@ def parasitic_check(solver, state1, error, y_max, dtype):
     y_norm = rms_norm(solver.y(state1), dtype)
     y_max = jnp.maximum(y_max, jnp.where(jnp.isfinite(y_norm), y_norm, 0))
     return y_max, rms_norm(par, dtype) > y_norm + PARASITIC_FLOOR * y_max
-
-
-
 
 
 class Trajectory(eqx.Module):
@@ -289,7 +287,7 @@ def _integrate_grid(problem, config, state0, result0, direction, record, restart
         t = grid_time(t_start, h, k)
         if restarts is not None:
             flat_k = i * n + k
-            slots = restarts.update(slots, flat_k, state, jnp.array(True), _records.set_row)
+            slots = restarts.update(slots, flat_k, state, jnp.array(True))
         if config.dense:
             state1, error, coeffs = solver.step_dense(func, t, h, state, args)
         else:
@@ -670,11 +668,11 @@ def _integrate_while(
         records_, dense, slots_ = b.records, b.dense, b.slots
         if records is not None:
             row = stepper.row(c, a, new.j, record)
-            records_ = records.store(records_, k, row, took, _records.set_row)
+            records_ = records.store(records_, k, row, took)
         if dense is not None:
             dense = _write(dense, k, (a.t, a.h, a.coeffs), took)
         if restarts is not None:
-            slots_ = restarts.update(slots_, k, c.state, took, _records.set_row)
+            slots_ = restarts.update(slots_, k, c.state, took)
         return new, _Buffers(ys, ys_dot, dense, records_, slots_)
 
     def cond(carry):

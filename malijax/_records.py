@@ -135,13 +135,13 @@ class Records(eqx.Module):
         )
         return steps, rows, jnp.ones((), jnp.int32)
 
-    def store(self, slots, k, row, took, write):
+    def store(self, slots, k, row, took):
         """Keep the row of step `k` (taken if `took`) if it is due, thinning when the
-        forward's slots are full. `write(buffer, index, value, pred)` writes a row."""
+        forward's slots are full."""
         steps, rows, spacing = slots
         if not self.states:  # step 0 in slot 0, the others in a ring
             slot = jnp.where(k == 0, 0, 1 + (k - 1) % (self.num_slots - 1))
-            return set_step(steps, slot, k, took), write(rows, slot, row, took), spacing
+            return set_step(steps, slot, k, took), set_row(rows, slot, row, took), spacing
         # `spacing` is a power of two: `n & (spacing - 1)` is `n % spacing` for n >= 0,
         # without an integer division per slot (which made storing cost 10x the step).
         ours = steps[: self.forward_slots]
@@ -150,7 +150,7 @@ class Records(eqx.Module):
         spacing = jnp.where(due & full, 2 * spacing, spacing)
         due = due & ((k & (spacing - 1)) == 0)
         slot = jnp.argmax((ours < 0) | ((ours & (spacing - 1)) != 0))  # free, or freed
-        return set_step(steps, slot, k, due), write(rows, slot, row, due), spacing
+        return set_step(steps, slot, k, due), set_row(rows, slot, row, due), spacing
 
 
 def lookup(slots, k):

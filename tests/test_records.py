@@ -47,8 +47,7 @@ def test_thinning_keeps_evenly_spread_steps():
     row = jnp.zeros(())
     slots = records.init(row)
     for k in range(50):
-        slots = records.store(slots, jnp.int32(k), jnp.float64(k), jnp.array(True),
-                              _records.set_row)
+        slots = records.store(slots, jnp.int32(k), jnp.float64(k), jnp.array(True))
         steps, rows, spacing = (np.asarray(x) for x in slots)
         kept = sorted(int(s) for s in steps if s >= 0 and s % spacing == 0)
         assert kept[0] == 0 and kept[-1] == k - k % spacing

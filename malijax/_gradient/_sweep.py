@@ -240,6 +240,7 @@ class _Sweep:
         self.restarts = traj is not None and traj.slot_steps is not None
         self.slotted = traj is not None and traj.records is not None
         self.problem = Problem(func, y0, ts, args)
+        self.direction = jnp.sign(ts[-1] - ts[0])
 
     def step_at(self, k, records):
         """`_Step` k, from the grid or the records' slots."""
@@ -259,9 +260,8 @@ class _Sweep:
         `swept` having been undone (`_loop.replay`)."""
         if not self.slotted:
             return records
-        direction = jnp.sign(self.ts[-1] - self.ts[0])
-        return replay(self.problem, self.config, direction, self.traj.layout, records, swept, k,
-                      self.loop_kind, spare)
+        return replay(self.problem, self.config, self.direction, self.traj.layout, records,
+                      swept, k, self.loop_kind, spare)
 
     def gather(self, k, step, active):
         """Step k's outputs (`_gather_outputs`), plus the dense solution's own rows."""
