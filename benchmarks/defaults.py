@@ -35,8 +35,7 @@ log_prob against the same CNF with `Dopri5()`, `Direct()`, rtol = atol = 1e-10),
 whether it is <= 100; the gradient of `sum(ys[1:]**2)` with respect to `(y0, args)`
 (CNF: of `-mean(log_prob)` w.r.t. the points and the field's parameters) against
 `gradient=mj.Direct()` with the same solver (for G: the solver the default resolves
-to for that state, `malijax._odeint.default_solver(y0)`, or `default_solver()` where it
-takes no state) and tolerances, as the max over gradient leaves of max|g - g_ref| /
+to at the default tolerances, `malijax._odeint.default_solver(rtol)`) and tolerances, as the max over gradient leaves of max|g - g_ref| /
 max|g_ref| (requirement <= 1e-8), with any `mj.ReconstructionWarning` (caught at the
 warm-up call); and the gradient's wall time
 (jitted, one warm-up call, median of 5 timed calls, `block_until_ready`).
@@ -53,8 +52,8 @@ kind (`--train-kinds spirals,latent`; spirals is the README's loop) in its own p
 steps in lock-step with Diffrax's defaults, time per Adam step (median) and its median
 per-step ratio to Diffrax, accepted steps initial -> final, final loss by the row's own
 solve and by a tight Diffrax solve. Its rows "malijax defaults", "Reversible(Tsit5()) +
-MALI()" and "Tsit5() + ACA()" are candidates G, B and F: the summary shows their README
-loop time per step. Recommendation: among the candidates meeting every requirement, the
+MALI()", "Tsit5() + ACA()" and "Bosh3() + ACA()" are candidates G, B, F and H: the
+summary shows their README loop time per step. Recommendation: among the candidates meeting every requirement, the
 one with the lowest README-loop time per Adam step (times within 10% are ties, broken by
 the smaller worst-case scaled error) when training rows exist; otherwise, among those
 whose total NFE is within 1.25x of the fewest, the smallest worst-case scaled error. The
@@ -113,12 +112,13 @@ CANDIDATES = {
     "D": ("Reversible(Bosh3())", "MALI()", lambda: (mj.Reversible(mj.Bosh3()), mj.MALI())),
     "E": ("ALF(eta=0.9)", "MALI()", lambda: (mj.ALF(eta=0.9), mj.MALI())),
     "F": ("Tsit5()", "ACA()", lambda: (mj.Tsit5(), mj.ACA())),
+    "H": ("Bosh3()", "ACA()", lambda: (mj.Bosh3(), mj.ACA())),
     # no `solver`/`gradient` passed: what `mj.odeint` does by default at run time
     "G": ("(default)", "(default)", lambda: (None, None)),
 }
 # the candidates timed by benchmarks/dense_output.py's training loops, by its row labels
 TRAIN_ROW_OF = {"G": "malijax defaults", "B": "Reversible(Tsit5()) + MALI()",
-                "F": "Tsit5() + ACA()"}
+                "F": "Tsit5() + ACA()", "H": "Bosh3() + ACA()"}
 TRAIN_KINDS = ("spirals", "latent")
 BIG_STATE, BIG_STEPS, BIG_KEY = 1_000_000, 4096, "big"  # the large-state memory column
 
@@ -171,20 +171,15 @@ PROBLEMS = {
 
 
 def _resolved_solver(solver, y0):
-    """`solver`, or when None the solver `mj.odeint` resolves the default to for `y0`
-    (`default_solver(y0)` where it takes the state, else `default_solver()`), so that
-    the `Direct()` reference of candidate G runs the same solver."""
+    """`solver`, or when None the solver `mj.odeint` resolves the default to at the
+    default tolerances, so that the `Direct()` reference of candidate G runs the same
+    solver."""
+    del y0
     if solver is not None:
         return solver
-    import inspect
-
     from malijax._odeint import default_solver
 
-    try:
-        inspect.signature(default_solver).bind(y0)
-    except TypeError:
-        return default_solver()
-    return default_solver(y0)
+    return default_solver(RTOL)
 
 
 def _resolved_text(y0):
@@ -507,7 +502,7 @@ def _report_training(train, w):
       "initial → final parameters; `final loss`: by the row's own solve; `tight`: the final "
       "parameters evaluated by Diffrax Tsit5 at rtol 1e-6, atol 1e-8 (equal loss: the rows "
       "trained as well). Candidates: G = `malijax defaults`, B = `Reversible(Tsit5()) + "
-      "MALI()`, F = `Tsit5() + ACA()`.")
+      "MALI()`, F = `Tsit5() + ACA()`, H = `Bosh3() + ACA()`.")
     titles = {"spirals": "README loop: 64 spirals as one (64, 2) state",
               "latent": "latent-ODE-style: per-trajectory irregular times under jax.vmap"}
     for kind in sorted(train, key=lambda k: TRAIN_KINDS.index(k) if k in TRAIN_KINDS else 99):

@@ -24,7 +24,7 @@ import malijax as mj
 
 # strategy flag -> (gradient, solver)
 STRATEGIES = {
-    "mali": (mj.MALI(), mj.Reversible(mj.Tsit5())),  # the default solver
+    "mali": (mj.MALI(), mj.Reversible(mj.Tsit5())),  # MALI needs a reversible solver
     "aca": (mj.ACA(), mj.Tsit5()),
     "symplectic": (mj.SymplecticAdjoint(), mj.Tsit5()),
     "anode": (mj.ANODE(checkpoints=8), mj.Tsit5()),
@@ -75,7 +75,7 @@ def train(
 
     `gradient` is a key of `STRATEGIES`. `num_steps`: fixed steps per output interval
     (a fixed grid trains fastest); `None` (`--num-steps 0`) for adaptive steps with
-    `rtol`/`atol` (MALI with the default `Reversible(Tsit5())`: 300 steps reach the same
+    `rtol`/`atol` (MALI with `Reversible(Tsit5())`: 300 steps reach the same
     loss as ACA + Tsit5, 3.1985e-3 against 3.1984e-3). `plot`: a path for the loss curve.
     """
     grad_strategy, solver = STRATEGIES[gradient]

@@ -58,9 +58,17 @@ def _cases():
     ]
 
 
+def _resolved(solver, kw):
+    """`solver`, or the one `odeint` picks when none is given (it depends on `rtol`)."""
+    if solver is not None:
+        return solver
+    adaptive = "step_size" not in kw and "num_steps" not in kw
+    return default_solver(kw.get("rtol", 1e-3), adaptive=adaptive)
+
+
 def _label(gradient, solver):
     if gradient is None:
-        return "default MALI", _label(mj.MALI(), default_solver())[1]
+        return "default ACA", _label(mj.ACA(), solver)[1]
     strategy = type(gradient).__name__
     if isinstance(gradient, mj.ANODE):
         strategy += f"({gradient.checkpoints})"
@@ -104,7 +112,7 @@ def main():
     print(header)
     print("-" * len(header))
     for gradient, solver, grid_name, kw in _cases():
-        strategy, solver_name = _label(gradient, solver)
+        strategy, solver_name = _label(gradient, _resolved(solver, kw))
         sol = mj.solve(field, y0, ts, solver=solver, gradient=gradient, **kw)
         # One compilation per row serves the memory figure and the timings.
         compiled = jax.jit(jax.grad(lambda p: loss(p, y0, solver, gradient, kw))).lower(params).compile()
@@ -115,7 +123,7 @@ def main():
             start = time.perf_counter()
             jax.block_until_ready(compiled(params))
             times.append(time.perf_counter() - start)
-        solver_ = default_solver() if solver is None else solver
+        solver_ = _resolved(solver, kw)
         g_direct = g if isinstance(gradient, mj.Direct) else direct(solver_, grid_name, kw, params, y0)
         g32 = jax.grad(loss)(f32(params), f32(y0), solver, gradient, kw)
         g32_direct = direct(solver_, grid_name, kw, f32(params), f32(y0))

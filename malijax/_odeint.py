@@ -16,16 +16,31 @@ from ._loop import Config, Problem
 from ._misc import time_dtype
 from ._solution import Solution
 from ._transforms import forward_mode_innermost, reverse_levels
-from ._solver import AbstractReversibleSolver, AbstractSolver, Reversible, Tsit5
+from ._solver import AbstractReversibleSolver, AbstractSolver, Bosh3, Tsit5
 
 
-def default_solver():
-    """`Reversible(Tsit5())`, chosen by measurement (benchmarks/results/defaults.md): of
-    six candidates on dissipative, oscillatory and CNF problems at the default
-    tolerances, the most accurate of those that solved every one within 100 tolerances
-    with exact MALI gradients and memory independent of `max_steps` (worst 7.7
-    tolerances); `ALF()` stalled on five of them."""
-    return Reversible(Tsit5())
+# At and above this rtol the default solver is Bosh3, below it Tsit5
+# (benchmarks/results/default_policy.md).
+CRUDE_RTOL = 1e-4
+
+
+def default_solver(rtol=None, adaptive=True):
+    """The solver `odeint` uses when none is given, with `ACA()` (memory set by its slots,
+    not by `max_steps`). Chosen by measurement:
+
+    - adaptive steps at `rtol >= 1e-4` (the default 1e-3 included): `Bosh3()`. Of the
+      candidates in benchmarks/results/defaults.md it is the fastest per Adam step in
+      the training loops that also solves every problem there within 100 tolerances;
+      `Tsit5()` is faster but is 173 tolerances off on Van der Pol, and on 4 to 9 of
+      16 problems at rtol 1e-4 to 1e-2 (benchmarks/results/default_policy.md), where
+      Bosh3 costs 0.7 to 1.7x Tsit5's evaluations;
+    - tighter `rtol`, a traced `rtol`, or fixed steps (`step_size`, `num_steps`):
+      `Tsit5()`, whose fifth order costs 2 to 6.6x fewer evaluations than Bosh3 there.
+    """
+    if adaptive and rtol is not None and _is_concrete(rtol) and np.ndim(rtol) == 0:
+        if float(rtol) >= CRUDE_RTOL:
+            return Bosh3()
+    return Tsit5()
 
 
 def _default_gradient(solver):
@@ -202,7 +217,7 @@ def run(func, y0, ts, args, *, solver, gradient, rtol, atol, step_size, num_step
     `malijax.compat.odeint`: `max_step` (the largest adaptive step, its `hmax`) and
     `limit` (how messages name the step bound, `Config.limit`)."""
     if solver is None:
-        solver = default_solver()
+        solver = default_solver(rtol, adaptive=step_size is None and num_steps is None)
     ts, adaptive = _validate(
         func, y0, ts, args, solver, gradient, rtol, atol, step_size, num_steps, max_steps
     )
@@ -287,10 +302,13 @@ def odeint(
       exact gradients through it, `ts` included. `num_steps` grids land on every
       output.
     - `args`: passed to `func`; its array leaves receive gradients.
-    - `solver`: `Reversible(Tsit5())` (default: stable on dissipative problems, exact
-      MALI gradients; see `benchmarks/results/defaults.md`), `Reversible(rk_solver)`,
-      `ALF()`, `ReversibleHeun()`, `Euler()`, `Midpoint()`, `Heun()`, `RK4()`,
-      `Bosh3()`, `Dopri5()`, `Tsit5()`.
+    - `solver`: `Bosh3()`, `Tsit5()`, `Dopri5()`, `Euler()`, `Midpoint()`, `Heun()`,
+      `RK4()`, `Reversible(rk_solver)`, `ALF()`, `ReversibleHeun()`. Default: `Bosh3()`
+      for adaptive steps at `rtol >= 1e-4` (the default tolerances included), `Tsit5()`
+      otherwise, chosen by measurement (`benchmarks/results/defaults.md`,
+      `default_policy.md`; `malijax._odeint.default_solver`). For the fewest steps on
+      smooth neural fields at loose tolerances pass `Tsit5()`; for memory independent of
+      the steps at any state size, `Reversible(Tsit5())` (with `MALI()`).
     - `gradient`: the gradient strategy, e.g. `Direct()` (default: `MALI()` for
       reversible solvers, with automatic checkpoints; `ACA()` otherwise;
       `ForwardMode()` for `jax.jvp`/`jax.jacfwd`, which the custom-VJP strategies

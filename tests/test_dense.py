@@ -265,12 +265,13 @@ def test_per_example_ts_under_vmap():
     assert [int(s) for s in steps] == alone
 
 
-def test_default_solver_mali_per_example_ts():
+def test_reversible_tsit5_mali_per_example_ts():
     ts = jnp.array([[0.0, 0.2, 0.9, 3.0], [0.0, 1.3, 2.2, 2.2]])
     y0s = jnp.array([[1.0, 0.0], [0.5, 0.5]])
 
     def batch(a, gradient):
-        ys = jax.vmap(lambda y0, ts: mj.odeint(field, y0, ts, a, gradient=gradient))(y0s, ts)
+        ys = jax.vmap(lambda y0, ts: mj.odeint(field, y0, ts, a, solver=mj.Reversible(mj.Tsit5()),
+                                               gradient=gradient))(y0s, ts)
         return jnp.sum(ys**2)
 
     np.testing.assert_allclose(jax.grad(batch)(A, mj.MALI()), jax.grad(batch)(A, mj.Direct()),
