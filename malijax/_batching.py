@@ -41,9 +41,13 @@ JAX's current trace through `jax.extend.core.find_top_trace` and the private
 `BatchTrace` class; `tests/test_batching.py` pins it. Strategies outside the sweep:
 `ANODE()` is a scan of `jax.checkpoint`ed steps on `num_steps` grids (JAX's own AD of
 the batched program contracts) and ACA's sweep otherwise, but `ANODE(checkpoints=c)` is
-Equinox's binomial loop, whose own custom VJP keeps per-example cotangents; the
-`Adjoint` sums only on `num_steps` grids (its `a_θ` is part of the backward ODE's state,
-integrated with each element's own adaptive steps).
+Equinox's binomial loop, whose own custom VJP keeps per-example cotangents. The
+`Adjoint`'s `a_θ` is part of its backward ODE's state, a quadrature summed stage by
+stage: right only while every element takes the same steps. Its backward therefore runs
+in normalised time on each output interval, where a `num_steps` grid is the same for all,
+and shares one adaptive step sequence across the batch (`PIController(shared=True)`: the
+largest error ratio decides); `expect_unbatched` checks at trace time that the steps
+stayed shared. `step_size` steps keep per-example cotangents.
 """
 
 import contextlib
@@ -156,16 +160,50 @@ def summing():
     return _SUMMING.get()
 
 
-@custom_vmap
-def any_over_batch(pred):
+def _over_batch(reduce, doc):
+    """`x` itself, or under `vmap` one unbatched `reduce(x, axis=0)` over the batch."""
+
+    @custom_vmap
+    def fn(x):
+        return x
+
+    @fn.def_vmap
+    def rule(axis_size, in_batched, x):
+        del axis_size
+        (batched,) = in_batched
+        return (reduce(x, 0) if batched else x), False
+
+    fn.__doc__ = doc
+    return fn
+
+
+any_over_batch = _over_batch(
+    jnp.any,
     """`pred` itself, or under `vmap` one unbatched `any` over the batch: a loop whose
     condition stays unbatched keeps its unbatched carry (a batched condition would
-    batch every carried value, the parameter totals included)."""
-    return pred
+    batch every carried value, the parameter totals included).""",
+)
+# A batch that shares one step sequence (`PIController(shared=True)`): each element's
+# error ratio must pass, every state must be finite, the first step suits all of them.
+max_over_batch = _over_batch(jnp.max, "`x`, or under `vmap` its maximum over the batch.")
+min_over_batch = _over_batch(jnp.min, "`x`, or under `vmap` its minimum over the batch.")
+all_over_batch = _over_batch(jnp.all, "`x`, or under `vmap` `all` over the batch.")
 
 
-@any_over_batch.def_vmap
-def _any_rule(axis_size, in_batched, pred):
-    del axis_size
-    (batched,) = in_batched
-    return (jnp.any(pred, 0) if batched else pred), False
+def expect_unbatched(x, what):
+    """`x`; at trace time under `vmap`, an error if `x` is batched. Guards sums over the
+    batch that are only right while every element takes the same steps."""
+
+    @custom_vmap
+    def fn(x):
+        return x
+
+    @fn.def_vmap
+    def rule(axis_size, in_batched, x):
+        del axis_size
+        if in_batched[0]:
+            raise AssertionError(f"malijax internal error: {what} differs across the vmapped "
+                                 "batch, where it must be shared (please report this).")
+        return x, False
+
+    return fn(x)

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 
+from ._batching import max_over_batch, min_over_batch
 from ._misc import magnitude, rms_norm, stop_gradient_tree
 
 
@@ -32,6 +33,12 @@ class PIController(eqx.Module):
     A rejection shrinks with `clip(safety·r^(-1/q), factor_min, safety)`; a non-finite
     candidate with `factor_min`. The defaults `P = 0, I = 1` are the classic
     I controller of scipy's `RK45` (Hairer, Nørsett & Wanner, Vol. I, II.4).
+
+    `shared=True`: under `vmap`, one step sequence for the whole batch: the largest of
+    the elements' ratios decides, and the first step is the smallest of theirs, so
+    every element meets its own tolerance (the continuous adjoint's backward solve,
+    whose parameter quadrature is then one array for the batch). Outside `vmap` it
+    changes nothing.
     """
 
     rtol: float
@@ -46,6 +53,7 @@ class PIController(eqx.Module):
     factor_max: float = 10.0
     # The largest step magnitude allowed (`hmax` of jax.experimental.ode.odeint).
     max_step: float = float("inf")
+    shared: bool = eqx.field(default=False, static=True)
 
     def initial_step(self, func, solver, t0, y0, args, direction, dtype):
         """Hairer's starting step size (ALGORITHMS.md §9.3); costs 2 evaluations."""
@@ -70,6 +78,8 @@ class PIController(eqx.Module):
             (0.01 / jnp.maximum(dmax, 1e-15)) ** (1.0 / q),
         )
         h = jnp.minimum(jnp.minimum(100 * h0, h1), self.max_step)
+        if self.shared:
+            h = min_over_batch(h)
         return jax.lax.stop_gradient(h.astype(dtype))
 
     def adapt(self, y0, y1, error, h, prev_ratio, rejected_before, finite, q, dtype):
@@ -80,6 +90,8 @@ class PIController(eqx.Module):
         scale = _error_scale(self.atol, self.rtol, y0, y1)
         r = rms_norm(jtu.tree_map(lambda e, s: magnitude(e) / s, error, scale), dtype)
         r = jnp.where(finite & jnp.isfinite(r), r, jnp.inf)
+        if self.shared:
+            r = max_over_batch(r)
         accept = r <= 1
         safe_r = jnp.maximum(r, 1e-10)
         grow = (

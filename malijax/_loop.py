@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 
 from . import _dense, _records
+from ._batching import all_over_batch, any_over_batch
 from ._controller import ConstantStepSize, PIController
 from ._misc import rms_norm, tree_all_finite, tree_where
 from ._solution import RESULTS
@@ -247,12 +248,13 @@ def integrate(problem, config, *, kind="lax", record=None, checkpoints=None, res
     ts_ok, direction = _ts_ok(ts)
     state0 = solver.init(func, t0, y0, args)
     result0 = RESULTS.where(ts_ok, RESULTS.successful, RESULTS.ts_not_monotone)
-    result0 = RESULTS.where(
-        tree_all_finite(state0) | ~ts_ok, result0, RESULTS.nonfinite_state
-    )
+    controller = config.controller
+    finite0 = tree_all_finite(state0)
+    if isinstance(controller, PIController) and controller.shared:
+        finite0 = all_over_batch(finite0)  # the loop's condition stays one for the batch
+    result0 = RESULTS.where(finite0 | ~ts_ok, result0, RESULTS.nonfinite_state)
     # Traced tolerances and step sizes are only known now (concrete ones were checked
     # at the call); NaN fails too.
-    controller = config.controller
     if isinstance(controller, PIController):
         tol_ok = (jnp.asarray(controller.rtol) > 0) & (jnp.asarray(controller.atol) > 0)
         result0 = RESULTS.where(tol_ok, result0, RESULTS.invalid_tolerance)
@@ -489,6 +491,8 @@ class _Stepper:
             (state1, error), coeffs = solver.step(self.func, c.t, h, c.state, self.args), None
         finite = tree_all_finite(state1)
         y_max, outgrown = parasitic_check(solver, state1, error, c.y_max, self.dtype)
+        if self.adaptive and self.controller.shared:  # one step sequence for a batch
+            finite, outgrown = all_over_batch(finite), any_over_batch(outgrown)
         if self.adaptive:
             accept, h_next, prev_ratio = self.controller.adapt(
                 solver.y(c.state), solver.y(state1), error, jnp.abs(h), c.prev_ratio,

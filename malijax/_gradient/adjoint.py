@@ -1,10 +1,14 @@
+import dataclasses
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 
-from .._batching import call_field, summing_over_batch, value_and_vjp
-from .._controller import PIController
+from .._batching import (
+    call_field, expect_unbatched, summing, summing_over_batch, value_and_vjp,
+)
+from .._controller import ConstantStepSize, PIController
 from .._errors import Report, error_if_failed
 from .._loop import Config, LoopOutput, Problem, integrate
 from .._misc import cotangent_or_zeros, tree_add, tree_dot, tree_zeros_like
@@ -38,6 +42,12 @@ class Adjoint(AbstractGradient):
     - `max_steps`: bound on each interval's backward solve (default: the forward's).
 
     With fixed steps (`step_size`, `num_steps`) the backward uses the same grid settings.
+    The backward integrates each interval in normalised time `s ∈ [0, 1]`,
+    `t = ts[i] + s (ts[i-1] − ts[i])` (every derivative scaled by the interval's
+    length): the same steps, but independent of an element's own times, so under
+    `jax.grad(vmap(...))` a batch shares them (adaptive: the largest of the elements'
+    error ratios decides, so each meets its tolerance) and `a_θ` is one array summed
+    over the batch, at the memory of one batched state.
 
     ??? cite "References"
         Chen, Rubanova, Bettencourt & Duvenaud, "Neural ordinary differential
@@ -67,12 +77,15 @@ class Adjoint(AbstractGradient):
         return LoopOutput(ys, result, stats, None, None, t_target)
 
     def backward_config(self, config):
+        """The backward solve's settings. Its adaptive steps are shared by a vmapped batch
+        when the parameter cotangent is summed over it (`Config.sum_over_batch`)."""
         controller = config.controller
         if isinstance(controller, PIController):
             controller = PIController(
                 rtol=controller.rtol if self.rtol is None else self.rtol,
                 atol=controller.atol if self.atol is None else self.atol,
                 select=(lambda s: (s[0], s[1])) if self.seminorm else None,
+                shared=config.sum_over_batch,
             )
         return Config(
             solver=config.solver if self.solver is None else self.solver,
@@ -102,13 +115,31 @@ def _solve_fwd(perturbed, diff, config, strategy):
     return (out.ys, out.result, out.stats, out.t_target), out.ys
 
 
+def _scaled(tree, delta):
+    return jtu.tree_map(lambda x: delta.astype(x.dtype) * x, tree)
+
+
+def _in_unit_time(config, delta):
+    """`config` for an interval of length |Δ| mapped onto s ∈ [0, 1]: `step_size` h
+    becomes h / |Δ| (one step for an empty interval); tolerances and grids are unchanged."""
+    controller = config.controller
+    if not isinstance(controller, ConstantStepSize):
+        return config
+    size = jnp.abs(delta)
+    step = jnp.where(size == 0, 1, controller.step_size / jnp.where(size == 0, 1, size))
+    return dataclasses.replace(config, controller=ConstantStepSize(step))
+
+
 @_solve.def_bwd
 def _solve_bwd(ys, grad_obj, perturbed, diff, config, strategy):
     del perturbed
-    # On a num_steps grid every element of a vmapped batch takes the same backward
-    # steps, so a_θ can be one array, summed over the batch stage by stage
-    # (malijax/_batching.py); with per-element adaptive steps it stays per example.
-    with summing_over_batch(config.sum_over_batch and config.controller is None):
+    # The backward runs in s ∈ [0, 1] on every output interval, so on a num_steps grid,
+    # and with adaptive steps shared by the batch (`PIController(shared=True)`), every
+    # element of a vmapped batch takes the same steps in s: a_θ is one array, summed over
+    # the batch stage by stage (malijax/_batching.py). `step_size` steps, h / |Δt| in s,
+    # differ between elements with their own output times: a_θ stays per example.
+    summed = config.sum_over_batch and not isinstance(config.controller, ConstantStepSize)
+    with summing_over_batch(summed):
         return _backward(ys, grad_obj, diff, config, strategy)
 
 
@@ -118,13 +149,19 @@ def _backward(ys, grad_obj, diff, config, strategy):
     bconfig = strategy.backward_config(config)
     dtype = ts.dtype
 
-    def augmented(t, state, _):
+    def augmented(s, state, interval):
+        # The adjoint system in s ∈ [0, 1], t = t_i + s·Δ (Δ = ts[i-1] − ts[i]): each
+        # derivative scales by Δ, which the VJP takes in its cotangent. The steps in s
+        # need not depend on an element's own times, so a batch can share them.
+        t_i, delta = interval
         z, a, _, _, _ = state
-
-        fz, (g_func, g_args), (g_t, g_z) = value_and_vjp(call_field, (func, args), (t, z), a)
+        t = t_i + s * delta
+        fz, (g_func, g_args), (g_t, g_z) = value_and_vjp(
+            call_field, (func, args), (t, z), _scaled(a, delta)
+        )
         g_t = jnp.zeros_like(t) if g_t is None else g_t
         neg = lambda tree: jtu.tree_map(lambda x: -x, tree)  # noqa: E731
-        return (fz, neg(g_z), neg(g_func), neg(g_args), -g_t)
+        return (_scaled(fz, delta), neg(g_z), neg(g_func), neg(g_args), -g_t)
 
     def interval(carry, i):
         a, a_func, a_args, a_t, ct_ts, result, n_steps, where = carry
@@ -134,17 +171,22 @@ def _backward(ys, grad_obj, diff, config, strategy):
         ct_ts = ct_ts.at[i].add(g_i)
         a = tree_add(a, ct_i)
         state = (z_i, a, a_func, a_args, a_t - g_i)
-        out = integrate(Problem(augmented, state, jnp.stack([ts[i], ts[i - 1]]), None),
-                        bconfig, kind=bconfig.while_kind(1))
+        delta = ts[i - 1] - ts[i]
+        out = integrate(Problem(augmented, state, unit, (ts[i], delta)),
+                        _in_unit_time(bconfig, delta), kind=bconfig.while_kind(1))
         _, a, a_func, a_args, a_t = jtu.tree_map(lambda x: x[-1], out.ys)
+        steps = out.stats["num_steps"]
+        if summing():  # a_func is one sum over the batch: right only for shared steps
+            steps = expect_unbatched(steps, "the Adjoint's backward steps")
         first = (result == RESULTS.successful) & (out.result != RESULTS.successful)
-        failure = (out.stats["t_final"], n_steps + out.stats["num_steps"],
+        failure = (ts[i] + out.stats["t_final"] * delta, n_steps + steps,
                    out.stats["num_rejected"], ts[i - 1])
         where = jtu.tree_map(lambda new, old: jnp.where(first, new, old), failure, where)
         result = RESULTS.where(result == RESULTS.successful, out.result, result)
-        n_steps = n_steps + out.stats["num_steps"]
+        n_steps = n_steps + steps
         return (a, a_func, a_args, a_t, ct_ts, result, n_steps, where), None
 
+    unit = jnp.array([0.0, 1.0], dtype)
     num_out = ts.shape[0]
     carry = (
         tree_zeros_like(y0),
