@@ -720,29 +720,45 @@ def _integrate_while(
     return LoopOutput(b.ys, result, stats, c.state, trajectory, t_target, b.ys_dot, dense)
 
 
-def replay(problem, config, direction, layout, records, swept, target, kind, spare=0):
+def replay(problem, config, direction, layout, records, swept, target, kind, spare=0,
+           in_order=None):
     """Make the row of step `target` available to the reverse sweep, which has undone
     every step after `swept` (`malijax._records`; `layout` is the `Records`). If it is
     not stored, rerun the forward loop from the nearest stored step below it that can
     be resumed from (step 0 for rows without states), storing the steps it passes in
     the free slots (those of steps after `swept`, and the reserve), `target` included,
     but `spare` of them: evenly spread for rows with states, the steps just below
-    `target` for rows without. Nothing to do for `target < 0`. Returns the records."""
+    `target` for rows without. Nothing to do for `target < 0`, nor when `in_order`
+    (`_records.in_order`: every step stored, so the searches and the resumed state,
+    which costs an evaluation of `func`, are skipped). Returns the records."""
     steps, rows, spacing = records
     stepper = _Stepper(problem, config, direction, kind)
-    have = jnp.any(steps[...] == target) | (target < 0)
-    free = (steps[...] < 0) | (steps[...] > swept)
-    budget = jnp.maximum(jnp.sum(free, dtype=jnp.int32) - spare, 1)
-    if layout.states:
-        stored = steps[...]
-        base = jnp.max(jnp.where((stored >= 0) & (stored <= target), stored, 0))
-        # Store target, target - every, target - 2 every, ...: at most `budget` steps.
-        every = jnp.maximum(1, -(-(target - base) // budget))
-        c0 = stepper.resume(_records.lookup(records, base), base)
+
+    def setup():
+        have = jnp.any(steps[...] == target) | (target < 0)
+        free = (steps[...] < 0) | (steps[...] > swept)
+        budget = jnp.maximum(jnp.sum(free, dtype=jnp.int32) - spare, 1)
+        if layout.states:
+            stored = steps[...]
+            base = jnp.max(jnp.where((stored >= 0) & (stored <= target), stored, 0))
+            # Store target, target - every, target - 2 every, ...: at most `budget` steps.
+            every = jnp.maximum(1, -(-(target - base) // budget))
+            c0 = stepper.resume(_records.lookup(records, base), base)
+        else:
+            base, every = jnp.zeros((), jnp.int32), jnp.ones((), jnp.int32)
+            state0 = config.solver.init(problem.func, problem.ts[0], problem.y0, problem.args)
+            c0 = stepper.resume(_records.lookup(records, base), base, state0)
+        return have, budget, base.astype(jnp.int32), every.astype(jnp.int32), c0
+
+    if in_order is None:
+        have, budget, base, every, c0 = setup()
     else:
-        base, every = jnp.zeros((), jnp.int32), jnp.ones((), jnp.int32)
-        state0 = config.solver.init(problem.func, problem.ts[0], problem.y0, problem.args)
-        c0 = stepper.resume(_records.lookup(records, base), base, state0)
+        def nothing_to_do():
+            like = jax.eval_shape(setup)
+            return (jnp.array(True), *jtu.tree_map(lambda x: jnp.zeros(x.shape, x.dtype),
+                                                   like[1:]))
+
+        have, budget, base, every, c0 = jax.lax.cond(in_order, nothing_to_do, setup)
 
     def cond(s):
         c = s[0]

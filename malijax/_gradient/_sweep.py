@@ -241,6 +241,11 @@ class _Sweep:
         self.slotted = traj is not None and traj.records is not None
         self.problem = Problem(func, y0, ts, args)
         self.direction = jnp.sign(ts[-1] - ts[0])
+        # Every step in the slot of its number: no searches, no replays (one branch for
+        # a vmapped batch). Not under reverse-over-reverse, whose loops are linearised.
+        self.in_order = None
+        if self.slotted and self.loop_kind == "lax":
+            self.in_order = _records.in_order(traj.layout, traj.num_steps)
 
     def step_at(self, k, records):
         """`_Step` k, from the grid or the records' slots."""
@@ -252,7 +257,7 @@ class _Sweep:
             if traj is not None and traj.states is not None:
                 stored = jtu.tree_map(lambda x: x[k], traj.states)
             return _Step(t, h, out, lo, lo, jnp.where(out >= 0, out + 1, 0), stored)
-        row = _records.lookup(records, k)
+        row = _records.lookup(records, k, self.in_order)
         return _Step(row.t, row.h, row.end, row.lo, row.mid, row.hi, row.checkpoint)
 
     def ensure(self, records, swept, k, spare=0):
@@ -261,7 +266,7 @@ class _Sweep:
         if not self.slotted:
             return records
         return replay(self.problem, self.config, self.direction, self.traj.layout, records,
-                      swept, k, self.loop_kind, spare)
+                      swept, k, self.loop_kind, spare, self.in_order)
 
     def gather(self, k, step, active):
         """Step k's outputs (`_gather_outputs`), plus the dense solution's own rows."""
