@@ -194,16 +194,8 @@ def expect_unbatched(x, what):
     """`x`; at trace time under `vmap`, an error if `x` is batched. Guards sums over the
     batch that are only right while every element takes the same steps."""
 
-    @custom_vmap
-    def fn(x):
-        return x
+    def refuse(x, axis):
+        raise AssertionError(f"malijax internal error: {what} differs across the vmapped "
+                             "batch, where it must be shared (please report this).")
 
-    @fn.def_vmap
-    def rule(axis_size, in_batched, x):
-        del axis_size
-        if in_batched[0]:
-            raise AssertionError(f"malijax internal error: {what} differs across the vmapped "
-                                 "batch, where it must be shared (please report this).")
-        return x, False
-
-    return fn(x)
+    return _over_batch(refuse, expect_unbatched.__doc__)(x)
