@@ -34,12 +34,15 @@ def default_solver(rtol=None, adaptive=True):
       `Tsit5()` is faster but is 173 tolerances off on Van der Pol, and on 4 to 9 of
       16 problems at rtol 1e-4 to 1e-2 (benchmarks/results/default_policy.md), where
       Bosh3 costs 0.7 to 1.7x Tsit5's evaluations;
-    - tighter `rtol`, a traced `rtol`, or fixed steps (`step_size`, `num_steps`):
-      `Tsit5()`, whose fifth order costs 2 to 6.6x fewer evaluations than Bosh3 there.
+    - tighter `rtol`, fixed steps (`step_size`, `num_steps`), or an `rtol` given as a
+      JAX array (its value may be unknown when tracing; deciding on Python and NumPy
+      numbers only keeps `jit` and eager calls alike): `Tsit5()`, whose fifth order
+      costs 2 to 6.6x fewer evaluations than Bosh3 at tight tolerances.
     """
-    if adaptive and rtol is not None and _is_concrete(rtol) and np.ndim(rtol) == 0:
-        if float(rtol) >= CRUDE_RTOL:
-            return Bosh3()
+    static = isinstance(rtol, (numbers.Real, np.number)) or (
+        isinstance(rtol, np.ndarray) and rtol.ndim == 0)
+    if adaptive and static and float(rtol) >= CRUDE_RTOL:
+        return Bosh3()
     return Tsit5()
 
 

@@ -31,11 +31,11 @@ GRIDS = {"num_steps": dict(num_steps=6), "adaptive": dict(rtol=1e-7, atol=1e-9)}
 # jax.checkpoint'ed steps on a grid and ACA's sweep otherwise.
 GRID_ONLY = [(mj.RK4(), mj.ANODE()), (mj.Tsit5(), mj.Adjoint())]
 SLOW = pytest.mark.slow
-# By default: every strategy on a grid once, the adaptive sweep with ACA and the default
-# (Reversible(Tsit5) + MALI); the other combinations under -m slow.
+# By default: every strategy on a grid once and the adaptive sweep with ACA (the default's
+# strategy); the other combinations under -m slow.
 # (ANODE on a grid is JAX's own AD of the batched scan, so it is under -m slow.)
 FAST = {("Tsit5", "ACA", "num_steps"), ("ALF", "MALI", "num_steps"),
-        ("Tsit5", "Adjoint", "num_steps"), ("Tsit5", "ACA", "adaptive"), ("Reversible(Tsit5,0.5)", "MALI", "adaptive")}
+        ("Tsit5", "Adjoint", "num_steps"), ("Tsit5", "ACA", "adaptive")}
 
 
 def _case(s, g, grid):

@@ -152,3 +152,26 @@ def test_default_cnf_trains():
     assert np.all(np.isfinite(losses))
     assert losses[-1] < losses[0] - 1.0, (losses[0], losses[-1])
     assert losses[-1] < true_nll + 0.05, (losses[-1], true_nll)
+
+
+@pytest.mark.parametrize("kw,solver", [
+    (dict(), mj.Bosh3()),                                   # rtol 1e-3: crude
+    (dict(rtol=1e-4, atol=1e-7), mj.Bosh3()),
+    (dict(rtol=1e-6, atol=1e-9), mj.Tsit5()),               # tight
+    (dict(rtol=jnp.asarray(1e-3), atol=1e-6), mj.Tsit5()),  # a JAX array: as under jit
+    (dict(num_steps=4), mj.Tsit5()),                        # fixed steps
+])
+def test_default_solver_follows_the_rule(kw, solver):
+    """No `solver`: the same numbers as `solver` + `ACA()` named (malijax._odeint's rule,
+    benchmarks/results/default_policy.md)."""
+    y0, ts, k = jnp.array([1.0, 0.5]), jnp.linspace(0.0, 2.0, 4), jnp.array(1.3)
+
+    def f(t, y, k):
+        return -k * y + jnp.sin(t)
+
+    def loss(gradient_solver, k):
+        return jnp.sum(mj.odeint(f, y0, ts, k, **gradient_solver, **kw) ** 2)
+
+    default = jax.value_and_grad(lambda k: loss({}, k))(k)
+    named = jax.value_and_grad(lambda k: loss(dict(solver=solver, gradient=mj.ACA()), k))(k)
+    assert float(default[0]) == float(named[0]) and float(default[1]) == float(named[1])

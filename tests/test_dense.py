@@ -265,6 +265,7 @@ def test_per_example_ts_under_vmap():
     assert [int(s) for s in steps] == alone
 
 
+@pytest.mark.slow  # (MALI under vmap with per-example times: also test_records.py)
 def test_reversible_tsit5_mali_per_example_ts():
     ts = jnp.array([[0.0, 0.2, 0.9, 3.0], [0.0, 1.3, 2.2, 2.2]])
     y0s = jnp.array([[1.0, 0.0], [0.5, 0.5]])
