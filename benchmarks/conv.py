@@ -1,8 +1,8 @@
 """Convolutions inside solver loops: `mj.nn.ConvField` against `eqx.nn.Conv2d`.
 
 The digits ODE-Net's block (issue: "Conv ODE-Nets"): a state of B = 100 images with 32
-channels, 8×8 (`--sizes 8,32` adds 32×32: the XLA-convolution rows in loops then take
-minutes per call), f(y) = conv(relu(conv(y))), two 3×3
+channels, 8×8 (`--sizes 8,32` adds 32×32, without the rows of XLA's convolutions in
+Equinox's layout inside loops, which take minutes per call there), f(y) = conv(relu(conv(y))), two 3×3
 "SAME" convolutions 32 → 32, float32. The gradient of mean(y(1)²) with respect to the
 block's parameters and y0, through 4 RK4 steps over [0, 1]:
 
@@ -10,16 +10,19 @@ block's parameters and y0, through 4 RK4 steps over [0, 1]:
   convolutions `eqx.nn.Conv2d` under `vmap` (XLA's convolution): the reference;
 - `plain JAX, lax.scan`: the same steps as a `lax.scan` (XLA's CPU convolution VJPs
   slow down inside a loop body);
-- the same two with `ConvField`'s slices-and-matmul convolution (`method="slices"`);
+- the same two with `ConvField` (`method="nhwc"`, the default: XLA's convolutions in
+  their canonical layout, with a hand-written VJP of two more), and the scan with
+  `method="slices"` (shifted slices and one matrix product);
 - malijax `odeint(..., solver=RK4(), num_steps=4)` with `Direct()`, `ACA()` and
-  `MALI()` (on `Reversible(RK4())`, 8 evaluations per step), `ConvField` with
-  `method="slices"` and with `method="xla"`.
+  `MALI()` (on `Reversible(RK4())`, 8 evaluations per step) with `ConvField`, and
+  `ACA()` with `method="slices"` and `method="xla"` (XLA's convolution in Equinox's
+  layout, JAX's autodiff).
 
 Times: one warm-up call per jitted gradient, then `--rounds` interleaved rounds (each
 gradient once per round, `block_until_ready`); medians, and each row's median ratio to
 the reference within rounds. Target: malijax's gradient ≤ 2× the unrolled plain-JAX one.
 
-    .venv/bin/python benchmarks/conv.py --rounds 3   # 3 min; writes benchmarks/results/conv.md
+    .venv/bin/python benchmarks/conv.py --sizes 8,32 --rounds 5   # writes benchmarks/results/conv.md
 """
 
 import argparse
@@ -79,9 +82,9 @@ class EqxBlock(eqx.Module):
 
 def cases(size):
     key = jax.random.key(0)
-    slices = mj.nn.ConvField(CHANNELS, CHANNELS, key=key)
-    xla = mj.nn.ConvField(CHANNELS, CHANNELS, key=key, method="xla")
-    eqx_block = EqxBlock(slices.convs)
+    fields = {method: mj.nn.ConvField(CHANNELS, CHANNELS, key=key, method=method)
+              for method in ("nhwc", "slices", "xla")}
+    eqx_block = EqxBlock(fields["nhwc"].convs)
     y0 = jax.random.normal(jax.random.key(1), (BATCH, CHANNELS, size, size), jnp.float32)
     ts = jnp.array([0.0, 1.0], jnp.float32)
 
@@ -104,17 +107,23 @@ def cases(size):
     def scanned(f, y):
         return plain(f, y, True)
 
-    rows = {  # label -> (jitted gradient, params)
-        "plain JAX, unrolled, eqx.nn.Conv2d": grad_of(unrolled, eqx_block),
-        "plain JAX, lax.scan, eqx.nn.Conv2d": grad_of(scanned, eqx_block),
-        "plain JAX, unrolled, ConvField": grad_of(unrolled, slices),
-        "plain JAX, lax.scan, ConvField": grad_of(scanned, slices),
-    }
+    # XLA's convolutions in Equinox's layout inside loops take seconds per call at 8×8
+    # (minutes at 32×32): those rows only at 8×8.
+    slow_rows = size <= 8
+    rows = {"plain JAX, unrolled, eqx.nn.Conv2d": grad_of(unrolled, eqx_block)}
+    if slow_rows:
+        rows["plain JAX, lax.scan, eqx.nn.Conv2d"] = grad_of(scanned, eqx_block)
+    rows["plain JAX, unrolled, ConvField"] = grad_of(unrolled, fields["nhwc"])
+    rows["plain JAX, lax.scan, ConvField"] = grad_of(scanned, fields["nhwc"])
+    rows["plain JAX, lax.scan, ConvField(method='slices')"] = grad_of(scanned, fields["slices"])
     for name, solver, gradient in (("Direct", mj.RK4(), mj.Direct()),
                                    ("ACA", mj.RK4(), mj.ACA()),
                                    ("MALI", mj.Reversible(mj.RK4()), mj.MALI())):
-        rows[f"malijax {name}, ConvField"] = grad_of(mj_solve(solver, gradient), slices)
-        rows[f"malijax {name}, ConvField(method='xla')"] = grad_of(mj_solve(solver, gradient), xla)
+        rows[f"malijax {name}, ConvField"] = grad_of(mj_solve(solver, gradient), fields["nhwc"])
+    aca = mj_solve(mj.RK4(), mj.ACA())
+    rows["malijax ACA, ConvField(method='slices')"] = grad_of(aca, fields["slices"])
+    if slow_rows:
+        rows["malijax ACA, ConvField(method='xla')"] = grad_of(aca, fields["xla"])
     return rows, y0
 
 
