@@ -2,7 +2,8 @@
 
 The digits ODE-Net's block (issue: "Conv ODE-Nets"): a state of B = 100 images with 32
 channels, 8×8 (`--sizes 8,32` adds 32×32, without the rows of XLA's convolutions in
-Equinox's layout inside loops, which take minutes per call there), f(y) = conv(relu(conv(y))), two 3×3
+Equinox's layout inside loops, which take minutes per call there),
+f(y) = conv(relu(conv(y))), two 3×3
 "SAME" convolutions 32 → 32, float32. The gradient of mean(y(1)²) with respect to the
 block's parameters and y0, through 4 RK4 steps over [0, 1]:
 
@@ -22,7 +23,8 @@ Times: one warm-up call per jitted gradient, then `--rounds` interleaved rounds 
 gradient once per round, `block_until_ready`); medians, and each row's median ratio to
 the reference within rounds. Target: malijax's gradient ≤ 2× the unrolled plain-JAX one.
 
-    .venv/bin/python benchmarks/conv.py --sizes 8,32 --rounds 5   # writes benchmarks/results/conv.md
+    # 8 min; writes benchmarks/results/conv.md
+    .venv/bin/python benchmarks/conv.py --sizes 8,32 --rounds 5
 """
 
 import argparse

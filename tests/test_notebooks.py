@@ -5,14 +5,15 @@ from pathlib import Path
 import pytest
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
-# Two by default (each runs a kernel for 30-60 s on 2 cores); all six with -m slow.
+# Two by default (each runs a kernel for 30-75 s on 2 cores); all seven with -m slow.
 NAMES = [
     pytest.param("reverse_accuracy", marks=pytest.mark.slow),
     pytest.param("gradient_accuracy", marks=pytest.mark.slow),
     pytest.param("memory_and_speed", marks=pytest.mark.slow),
     pytest.param("time_series", marks=pytest.mark.slow),
+    pytest.param("three_body", marks=pytest.mark.slow),
     "density_estimation",
-    "three_body",
+    "image_classification",
 ]
 
 
