@@ -94,11 +94,12 @@ def main():
         jax.effects_barrier()
     messages = [str(w.message) for w in caught if issubclass(w.category, mj.ReconstructionWarning)]
     out["reconstruction"] = {"messages": messages, "spec": str(g.sharding.spec)}
-    # The data-parallel example trains.
+    # The data-parallel example trains (with ACA: on 8 simulated devices sharing 2 cores a
+    # step takes about a second, 1.3 s with MALI; 25 steps more than halve the loss).
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
     import data_parallel
 
-    result = data_parallel.train("mali", steps=int(os.environ.get("EXAMPLE_STEPS", "60")),
+    result = data_parallel.train("aca", steps=int(os.environ.get("EXAMPLE_STEPS", "25")),
                                  verbose=False)
     out["example"] = {
         "first_loss": result["losses"][0],

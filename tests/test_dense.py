@@ -184,9 +184,17 @@ def _check_equal_to_direct(solver, gradient, a, grid):
         assert max_rel_err(g, r) < 1e-10
 
 
-@pytest.mark.parametrize("grid", GRIDS)
-@pytest.mark.parametrize("solver,gradient,a", CASES, ids=lambda x: name(x) if not
-                         isinstance(x, jax.Array) else "")
+def _by_grid(cases):
+    """Every case on the adaptive grid; on the `step_size` grid (the same interpolants,
+    other steps) only the first two by default, the rest with -m slow."""
+    for i, (solver, gradient, a) in enumerate(cases):
+        for grid in GRIDS:
+            marks = [pytest.mark.slow] if grid != "adaptive" and i >= 2 else []
+            yield pytest.param(solver, gradient, a, grid, marks=marks,
+                               id=f"{name(solver)}-{name(gradient)}-{grid}")
+
+
+@pytest.mark.parametrize("solver,gradient,a,grid", list(_by_grid(CASES)))
 def test_gradients_through_interpolant_equal_direct(solver, gradient, a, grid):
     """y0, args and ts (an output inside a step moves the interpolation point, not the
     step) to 1e-10, with several outputs per step and repeated output times."""
@@ -357,6 +365,7 @@ def test_dense_refuses_the_adjoint_and_a_single_time():
         mj.solve(field, Y0, jnp.array([0.0, 1.0]), A).evaluate(0.5)
 
 
+@pytest.mark.slow  # test_higher_order's ACA-adaptive case also interpolates its outputs
 def test_reverse_over_reverse_through_an_interpolated_output_time():
     """d²L/dts[1]² by grad(grad) (ts[1] inside a step: the steps do not move) against
     central differences of the first-order gradient; the sweep keeps no NaN in rows it

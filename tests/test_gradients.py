@@ -213,7 +213,7 @@ def test_second_derivatives_equal_direct(strategy, reverse_over_reverse):
     assert _rel(h2(y0, 1.3, strategy), h2(y0, 1.3, mj.Direct())) <= 1e-10
 
 
-@pytest.mark.parametrize("strategy", [mj.MALI(), pytest.param(mj.ACA(), marks=pytest.mark.slow)],
+@pytest.mark.parametrize("strategy", [mj.ACA(), pytest.param(mj.MALI(), marks=pytest.mark.slow)],
                          ids=name)
 def test_vmap_and_grad_compose(strategy):
     field = MLPField(2, 8, jr.PRNGKey(1))

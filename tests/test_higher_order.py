@@ -73,6 +73,7 @@ def test_reverse_over_reverse_equals_finite_differences(gradient, solver, kw):
     assert abs(float(first(a) - direct)) <= tol * abs(float(direct))
 
 
+@pytest.mark.slow  # the ACA-adaptive case above checks reverse over reverse by default
 def test_reverse_over_reverse_through_compat_matches_jax():
     """The second derivative of a compat solve by reverse over reverse equals central
     differences of its first-order gradient, and jax.experimental.ode's."""

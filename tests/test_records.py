@@ -93,9 +93,10 @@ def test_mali_past_its_step_rows_equals_direct(solver):
     assert max_rel_err(got, want) <= 1e-10
 
 
-@pytest.mark.parametrize("solver,gradient", [(mj.Tsit5(), mj.ACA(slots=6)),
-                                             (mj.Reversible(mj.Tsit5()), mj.MALI(slots=8))],
-                         ids=["ACA", "MALI"])
+@pytest.mark.parametrize("solver,gradient", [
+    pytest.param(mj.Tsit5(), mj.ACA(slots=6), id="ACA"),
+    pytest.param(mj.Reversible(mj.Tsit5()), mj.MALI(slots=8), id="MALI", marks=pytest.mark.slow),
+])
 def test_vmap_with_differing_step_counts(solver, gradient):
     """Each element thins, and replays, on its own schedule."""
     a = jnp.stack([jnp.linspace(0.5, 3.0, 4), jnp.linspace(0.2, 1.5, 4)], axis=1)
