@@ -44,7 +44,8 @@ def spiral_data(key, num_trajectories, num_times, t_end, dtype=jnp.float32):
     return ts, y0s, ys
 
 
-def _progress(total, enabled):
+def progress_bar(total, enabled):
+    """A tqdm bar over `total` steps, or None (disabled, or tqdm not installed)."""
     if not enabled:
         return None
     try:
@@ -103,7 +104,7 @@ def train(
         updates, opt_state = optimizer.update(grads, opt_state, model)
         return eqx.apply_updates(model, updates), opt_state, loss
 
-    bar = _progress(steps, progress)
+    bar = progress_bar(steps, progress)
     losses = []
     start = time.perf_counter()
     for i in range(steps):
