@@ -78,9 +78,10 @@ WEAK_INSTABILITY = (
     "like exp(|λ|t) whatever the step"
 )
 WEAK_INSTABILITY_CURES = (
-    "Cures: a damped reversible solver (mj.Reversible(mj.Tsit5()) with its default "
-    "coupling < 1, or ALF(eta=0.9)), whose MALI gradients stay exact with "
-    "MALI(checkpoints=None); or a non-reversible solver (mj.Tsit5()) with gradient=mj.ACA()."
+    "Cures: a damped reversible solver, mj.Reversible(mj.Tsit5()) with its default "
+    "coupling < 1 (its base's order; MALI gradients stay exact with MALI(checkpoints=None)); "
+    "or a non-reversible solver (mj.Tsit5()) with gradient=mj.ACA(). (ALF(eta<1) is stable "
+    "too, but only first order.)"
 )
 
 

@@ -249,6 +249,36 @@ def test_convergence_order(solver):
     assert abs(slope - ORDER[base]) <= 0.3, (name(solver), slope, errors)
 
 
+OSCILLATOR = np.array([[0.0, 1.0], [-1.0, -0.2]])  # z'' + 0.2 z' + z = 0
+
+
+def _alf_orders(etas, ns=(64, 128, 256, 512), t_end=4.0):
+    """The observed global order of ALF(eta) on a damped oscillator, fitted over `ns`."""
+    exact = _expm(t_end * OSCILLATOR) @ np.array([1.0, 0.0])
+    a = jnp.asarray(OSCILLATOR)
+    orders = {}
+    for eta in etas:
+        errors = [float(np.max(np.abs(np.asarray(mj.odeint(
+            lambda t, z, args: a @ z, f64(1.0, 0.0), f64(0.0, t_end), solver=mj.ALF(eta=eta),
+            num_steps=n)[-1]) - exact))) for n in ns]
+        orders[eta] = np.polyfit(np.log(t_end / np.asarray(ns)), np.log(errors), 1)[0]
+    return orders
+
+
+def _expm(m):
+    w, v = np.linalg.eig(m)
+    return np.real(v @ np.diag(np.exp(w)) @ np.linalg.inv(v))
+
+
+def test_damped_alf_is_first_order():
+    """ALF is second order only undamped: with eta != 1 the v-update relaxes v towards
+    f instead of reflecting it, and the global error falls like h (measured 0.93-0.99
+    at eta 0.9 and 0.8 in the issue that asked for this; ALF's docstring states it)."""
+    orders = _alf_orders((1.0, 0.9, 0.8))
+    assert 1.9 <= orders[1.0] <= 2.1, orders
+    assert 0.85 <= orders[0.9] <= 1.15 and 0.85 <= orders[0.8] <= 1.15, orders
+
+
 # --------------------------------------------------------------------------------------
 # 3. Adaptive solves against SciPy's DOP853 at rtol = atol = 1e-13
 # --------------------------------------------------------------------------------------
