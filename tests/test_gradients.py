@@ -213,8 +213,8 @@ def test_second_derivatives_equal_direct(strategy, reverse_over_reverse):
     assert _rel(h2(y0, 1.3, strategy), h2(y0, 1.3, mj.Direct())) <= 1e-10
 
 
-@pytest.mark.parametrize("strategy", [mj.ACA(), pytest.param(mj.MALI(), marks=pytest.mark.slow)],
-                         ids=name)
+@pytest.mark.slow  # test_batching's grad-of-vmap and vmap-of-grad tests cover it by default
+@pytest.mark.parametrize("strategy", [mj.ACA(), mj.MALI()], ids=name)
 def test_vmap_and_grad_compose(strategy):
     field = MLPField(2, 8, jr.PRNGKey(1))
     y0s = jr.normal(jr.PRNGKey(2), (3, 2))
