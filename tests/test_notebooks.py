@@ -17,37 +17,39 @@ NAMES = [
 ]
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_notebook_executes_in_fast_mode(name, monkeypatch, tmp_path):
+def _execute(name, tmp_path, timeout):
+    """Runs the notebook headless (raising CellExecutionError on the first failing cell)
+    and returns it with its outputs."""
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     path = NOTEBOOKS / f"{name}.ipynb"
     assert path.exists(), f"missing notebook {path}"
     notebook = nbformat.read(path, as_version=4)
+    client = nbclient.NotebookClient(notebook, timeout=timeout, kernel_name="python3",
+                                     resources={"metadata": {"path": str(tmp_path)}})
+    client.execute()
+    return notebook
+
+
+def _outputs(notebook):
+    return [o for c in notebook.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_notebook_executes_in_fast_mode(name, monkeypatch, tmp_path):
     monkeypatch.setenv("MALIJAX_NOTEBOOK_FAST", "1")
-    client = nbclient.NotebookClient(
-        notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
-    )
-    client.execute()  # raises CellExecutionError on the first failing cell
-    errors = [o for c in notebook.cells if c.cell_type == "code" for o in c.get("outputs", [])
-              if o.get("output_type") == "error"]
-    assert not errors
+    notebook = _execute(name, tmp_path, timeout=600)
+    assert not [o for o in _outputs(notebook) if o.get("output_type") == "error"]
 
 
 @pytest.mark.slow
 def test_image_classification_full_mode(monkeypatch, tmp_path):
     """The image-classification notebook in its full setting, as committed (about 31 min
     on 2 cores): every strategy trained for 10 epochs, the memory wall compiled."""
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
     pytest.importorskip("sklearn")
     monkeypatch.delenv("MALIJAX_NOTEBOOK_FAST", raising=False)
-    notebook = nbformat.read(NOTEBOOKS / "image_classification.ipynb", as_version=4)
-    client = nbclient.NotebookClient(notebook, timeout=3600, kernel_name="python3",
-                                     resources={"metadata": {"path": str(tmp_path)}})
-    client.execute()
-    tables = "".join(o.get("data", {}).get("text/markdown", "") for c in notebook.cells
-                     if c.cell_type == "code" for o in c.get("outputs", []))
+    notebook = _execute("image_classification", tmp_path, timeout=3600)
+    tables = "".join(o.get("data", {}).get("text/markdown", "") for o in _outputs(notebook))
     # the default strategy's row of the training table reports >= 97% test accuracy
     row = next(line for line in tables.splitlines() if line.startswith("| default |"))
     assert float(row.split("|")[2].strip().rstrip("%")) >= 97.0, row

@@ -47,16 +47,20 @@ def _from_nhwc(x):
     return jnp.transpose(x, (0, 3, 1, 2))
 
 
+def _conv_same_from_nhwc(x_nhwc, weight):
+    """`x_nhwc` ⋆ `weight` `(O, C, k, k)`, "SAME", returned channel-first `(N, O, H, W)`."""
+    return _from_nhwc(_conv_nhwc(x_nhwc, jnp.transpose(weight, (2, 3, 1, 0))))
+
+
 @jax.custom_vjp
 def _conv_same_nchw(x, weight):
     """`x` `(N, C, H, W)` ⋆ `weight` `(O, C, k, k)`, "SAME", computed in NHWC/HWIO."""
-    return _from_nhwc(_conv_nhwc(_to_nhwc(x), jnp.transpose(weight, (2, 3, 1, 0))))
+    return _conv_same_from_nhwc(_to_nhwc(x), weight)
 
 
 def _conv_same_nchw_fwd(x, weight):
-    x_nhwc = _to_nhwc(x)
-    out = _from_nhwc(_conv_nhwc(x_nhwc, jnp.transpose(weight, (2, 3, 1, 0))))
-    return out, (x_nhwc, weight)
+    x_nhwc = _to_nhwc(x)  # kept channel-last for the filter gradient
+    return _conv_same_from_nhwc(x_nhwc, weight), (x_nhwc, weight)
 
 
 def _conv_same_nchw_bwd(residuals, g):
@@ -87,11 +91,12 @@ def conv2d_same(x, weight, bias, method="nhwc"):
 
     `x`: `(..., C, H, W)`; `weight`: `(O, C, k, k)` with `k` odd; `bias`: `(O, 1, 1)` or
     None. `method` (see the module docstring): `"nhwc"`, XLA's convolution in its
-    canonical layout with a VJP of two more such convolutions (fast inside loops on
-    CPU; no forward mode); `"slices"`, `out[o] = W_o · [x_pad shifted by (di, dj)]_{c, di,
-    dj}`, the `k²` shifts of the padded input stacked and one matrix product (every
-    transformation); `"xla"`, `lax.conv_general_dilated` in this layout with JAX's
-    autodiff (slow inside loops on CPU)."""
+    canonical layout with a hand-written VJP (one more such convolution and `k²`
+    channel-last matrix products; fast inside loops on CPU; no forward mode);
+    `"slices"`, `out[o] = W_o · [x_pad shifted by (di, dj)]_{c, di, dj}`, the `k²`
+    shifts of the padded input stacked and one matrix product (every transformation);
+    `"xla"`, `lax.conv_general_dilated` in this layout with JAX's autodiff (slow inside
+    loops on CPU)."""
     out_channels, in_channels, k, k2 = weight.shape
     if k != k2 or k % 2 == 0:
         raise ValueError(f"conv2d_same wants an odd square kernel, got {k}x{k2}.")
