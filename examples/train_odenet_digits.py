@@ -95,8 +95,14 @@ def cross_entropy(model, x, y):
     return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
 
 
+@eqx.filter_jit
+def predict(model, x):
+    return jnp.argmax(model(x), axis=-1)
+
+
 def accuracy(model, x, y, batch=360):
-    predict = eqx.filter_jit(lambda m, xb: jnp.argmax(m(xb), axis=-1))
+    # `predict` is jitted once at module level: a jitted lambda made here would compile
+    # again at every call (every epoch).
     hits = sum(int(jnp.sum(predict(model, x[i:i + batch]) == y[i:i + batch]))
                for i in range(0, len(x), batch))
     return hits / len(x)
